@@ -1,0 +1,47 @@
+"""Shared command-line handling for ``jobs/*.py``: ``--config`` plus dotted overrides."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+
+from aoq.config import Config, ConfigError, load_config, options_help
+
+OVERRIDE_HELP = """\
+Configuration: defaults < --config FILE (YAML) < overrides.
+An override is KEY=VALUE with a dotted key, e.g.
+    optim.epochs=20 loss.variant=aoq negatives.sampling_range=300 tracking.tags.group=ablation
+Every option, with its default:
+"""
+
+
+def config_parser(description: str) -> argparse.ArgumentParser:
+    """An argparse parser with ``--config`` and positional overrides; ``--help`` lists
+    every option with its default."""
+    parser = argparse.ArgumentParser(
+        description=description,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=OVERRIDE_HELP + options_help(),
+    )
+    parser.add_argument("--config", metavar="FILE", help="YAML config file")
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                        help="dotted config overrides (see below)")
+    return parser
+
+
+def load_from_args(args: argparse.Namespace) -> Config:
+    return load_config(args.config, args.overrides)
+
+
+def run_cli(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | None = None
+            ) -> None:
+    """Run ``main`` and turn input errors into a one-paragraph message and exit code 2."""
+    from aoq.data.errors import DataError
+
+    try:
+        code = main(argv)
+    except (ConfigError, DataError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    sys.exit(code)

@@ -1,0 +1,227 @@
+"""The driver of one training job: check everything, then run a TorchTrainer.
+
+Order matters: config and data are validated and the candidate tables a run starts
+with are settled *before* Ray starts or any worker launches, so bad input fails in
+seconds with a message naming the file or key; the MLflow run is created before the
+trainer so a crash is still recorded (as FAILED).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from aoq.cluster.tracking import RunHandle, end_run, git_commit, log_artifact, start_run
+from aoq.cluster.train_loop import (
+    BEST_MODEL_FILE, TEST_METRICS_FILE, WorkerPayload, tables_root, train_loop_per_worker,
+)
+from aoq.config import Config, ConfigError, config_to_dict, dump_yaml, parse_negative_source
+from aoq.data.prepare import PreparedData, open_split, prepare_data
+from aoq.negatives.schedule import uses_offline
+
+
+@dataclass(frozen=True)
+class TrainingOutcome:
+    """What a finished job produced."""
+
+    run_name: str
+    run_id: str
+    output_dir: str
+    test_metrics: dict[str, float]
+    seconds: float
+
+
+def default_run_name(cfg: Config) -> str:
+    return f"aoq-{cfg.model.name}-{cfg.loss.variant}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def check_config_against_data(cfg: Config, prepared: PreparedData) -> None:
+    """The checks that need the data's sizes; raise ConfigError before any worker starts."""
+    train = prepared.splits[cfg.data.train_split]
+    test = prepared.splits[cfg.data.test_split]
+    cpi = prepared.captions_per_image
+    problems = []
+    if uses_offline(cfg.loss):
+        if cfg.negatives.k_captions > cpi * (train.n_images - 1):
+            problems.append(f"negatives.k_captions={cfg.negatives.k_captions}: the training split "
+                            f"has only {cpi * (train.n_images - 1)} non-positive captions per "
+                            "image")
+        if cfg.negatives.k_images > train.n_images - 1:
+            problems.append(f"negatives.k_images={cfg.negatives.k_images}: the training split "
+                            f"has only {train.n_images - 1} other images")
+    if test.n_images % cfg.data.test_folds:
+        problems.append(f"data.test_folds={cfg.data.test_folds}: must divide the "
+                        f"{test.n_images} test images")
+    per_rank = cpi * train.n_images // cfg.run.num_workers
+    if per_rank < cfg.optim.batch_size:
+        problems.append(f"optim.batch_size={cfg.optim.batch_size}: each of the "
+                        f"{cfg.run.num_workers} workers sees only {per_rank} pairs per epoch")
+    if problems:
+        raise ConfigError("config does not fit the data:\n  - " + "\n  - ".join(problems))
+
+
+def initial_tables(cfg: Config, prepared: PreparedData, output_dir: Path) -> str | None:
+    """The table version a run starts with, checked or produced on the driver.
+
+    ``tables:<path>`` is loaded and every id checked against the training split;
+    ``checkpoint:<path>`` mines once from that first-round model (the paper's procedure)
+    into the run's own table directory, unless a resumed run already did.
+    """
+    if not uses_offline(cfg.loss):
+        return None
+    kind, path = parse_negative_source(cfg.negatives.source)
+    if kind == "mine":
+        return None
+    from aoq.negatives.tables import list_versions, load_tables, save_tables, version_dir
+
+    train = prepared.splits[cfg.data.train_split]
+    if kind == "tables":
+        tables = load_tables(path, n_images=train.n_images,
+                             captions_per_image=prepared.captions_per_image)
+        if tables.i2t.shape[1] < cfg.negatives.sampling_range:
+            raise ConfigError(f"negatives.sampling_range={cfg.negatives.sampling_range}: the "
+                              f"tables at {tables.path} have only {tables.i2t.shape[1]} columns")
+        return tables.path
+    root = tables_root(output_dir)
+    if list_versions(root):
+        return str(version_dir(root, list_versions(root)[0]))
+    from aoq.negatives.checkpoints import mine_from_checkpoint
+
+    i2t, t2i, meta = mine_from_checkpoint(path, open_split(prepared, cfg.data.train_split),
+                                          cfg.negatives, vocab_size=prepared.vocab_size,
+                                          progress=True)
+    return str(save_tables(root, 1, i2t, t2i, **meta))
+
+
+def _connect_ray(cfg: Config) -> bool:
+    """Connect to ``$RAY_ADDRESS`` (e.g. inside ``ray job submit``) or start a local Ray.
+
+    Returns True if this call started a local instance (then resources are known).
+    """
+    import ray
+
+    if ray.is_initialized():
+        return False
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(logging_level="WARNING")
+        return False
+    ray.init(address="local", include_dashboard=False, logging_level="WARNING")
+    return True
+
+
+def check_resources(cfg: Config) -> None:
+    """Refuse a worker group the cluster can never place, instead of waiting forever."""
+    import ray
+
+    total = ray.cluster_resources()
+    need_cpu = cfg.run.num_workers * cfg.run.cpus_per_worker
+    if total.get("CPU", 0) + 1e-9 < need_cpu:
+        raise ConfigError(
+            f"run.num_workers={cfg.run.num_workers} x run.cpus_per_worker="
+            f"{cfg.run.cpus_per_worker} needs {need_cpu:g} CPUs, but the Ray cluster has "
+            f"{total.get('CPU', 0):g}")
+    if cfg.run.device == "cuda" and total.get("GPU", 0) < cfg.run.num_workers:
+        raise ConfigError(f"run.device='cuda' needs {cfg.run.num_workers} GPUs, but the Ray "
+                          f"cluster has {total.get('GPU', 0):g}")
+
+
+def use_gpu(cfg: Config) -> bool:
+    import ray
+
+    if cfg.run.device == "cpu":
+        return False
+    if cfg.run.device == "cuda":
+        return True
+    return ray.cluster_resources().get("GPU", 0) >= cfg.run.num_workers
+
+
+def build_trainer(cfg: Config, payload: WorkerPayload, run_name: str):
+    """A TorchTrainer for this job (gloo on CPU, NCCL with one GPU per worker)."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    gpu = use_gpu(cfg)
+    resources = {"CPU": cfg.run.cpus_per_worker, **({"GPU": 1} if gpu else {})}
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"payload": payload},
+        scaling_config=ScalingConfig(num_workers=cfg.run.num_workers, use_gpu=gpu,
+                                     resources_per_worker=resources),
+        run_config=RunConfig(
+            name=run_name,
+            storage_path=cfg.run.storage,
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.run.checkpoints_to_keep),
+            failure_config=FailureConfig(max_failures=cfg.run.max_failures),
+        ),
+    )
+
+
+def _run_tags(cfg: Config, prepared: PreparedData) -> dict[str, str]:
+    dataset = "scenes" if cfg.data.dataset == "scenes" else Path(prepared.directory).name
+    return {
+        "dataset": dataset,
+        "model": cfg.model.name,
+        "loss_variant": cfg.loss.variant,
+        "git_commit": git_commit(),
+        "evaluation": "single model",
+        **cfg.tracking.tags,
+    }
+
+
+def _log_outputs(handle: RunHandle, output_dir: Path) -> None:
+    for name in (BEST_MODEL_FILE, TEST_METRICS_FILE, "recall_curves.png"):
+        path = output_dir / name
+        if path.exists():
+            log_artifact(handle, path)
+
+
+def run_training(cfg: Config) -> TrainingOutcome:
+    """Train, evaluate and record one job; returns the final test metrics.
+
+    Raises:
+        ConfigError / DataError: before anything runs, for bad config or data.
+        Exception: the training failure (the MLflow run is marked FAILED first).
+    """
+    start = time.perf_counter()
+    prepared = prepare_data(cfg.data, progress=True)
+    check_config_against_data(cfg, prepared)
+    run_name = cfg.run.name or default_run_name(cfg)
+    output_dir = Path(cfg.run.storage) / run_name
+    if output_dir.exists() and not cfg.run.resume:
+        raise ConfigError(f"run.name={run_name!r}: {output_dir} already exists; choose another "
+                          "name or set run.resume=true to continue it")
+    output_dir.mkdir(parents=True, exist_ok=True)
+    (output_dir / "config.yaml").write_text(dump_yaml(cfg))
+    tables = initial_tables(cfg, prepared, output_dir)
+    started_local = _connect_ray(cfg)
+    if started_local:
+        check_resources(cfg)
+    handle = start_run(cfg, run_name, _run_tags(cfg, prepared), resume=cfg.run.resume)
+    print(f"[aoq] run {run_name!r}: MLflow run {handle.run_id} at {handle.tracking_uri}",
+          flush=True)
+    payload = WorkerPayload(config=config_to_dict(cfg), prepared=prepared, run=handle,
+                            output_dir=str(output_dir), initial_tables=tables)
+    try:
+        result = build_trainer(cfg, payload, run_name).fit()
+        if getattr(result, "error", None) is not None:
+            raise result.error
+        test_metrics = json.loads((output_dir / TEST_METRICS_FILE).read_text())
+        _log_outputs(handle, output_dir)
+    except KeyboardInterrupt:
+        end_run(handle, "KILLED")
+        raise
+    except BaseException:
+        end_run(handle, "FAILED")
+        raise
+    end_run(handle, "FINISHED")
+    return TrainingOutcome(run_name, handle.run_id, str(output_dir), test_metrics,
+                           time.perf_counter() - start)
+
+
+def outcome_summary(outcome: TrainingOutcome) -> dict[str, Any]:
+    return {"run_name": outcome.run_name, "run_id": outcome.run_id,
+            "output_dir": outcome.output_dir, "seconds": round(outcome.seconds, 1)}

@@ -1,0 +1,288 @@
+"""The function every Ray Train worker runs: DDP training with offline negatives.
+
+Rank 0 additionally evaluates dev each epoch, keeps the best weights, mines tables when
+the schedule says so (synchronously; the other ranks wait at a barrier and then load
+the same version), logs per-epoch metrics to the driver's MLflow run, and evaluates the
+best weights on test at the end. Every rank reports every epoch with its piece of the
+checkpoint (rank 0: model/optimizer/scheduler state; each rank: its RNG state), which
+Ray merges into one checkpoint directory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from aoq.cluster.tracking import RunHandle, log_metrics
+from aoq.config import Config, config_from_dict
+from aoq.data.batches import EpochBatchSampler, PairDataset, make_loader
+from aoq.data.prepare import PreparedData, open_split
+from aoq.evaluation import retrieval_metrics
+from aoq.evaluation.encode import score_split
+from aoq.losses import AOQLoss
+from aoq.models import build_model
+from aoq.negatives.from_model import mine_from_model
+from aoq.negatives.schedule import mine_at_epoch_start, variant_for_epoch
+from aoq.negatives.tables import CandidateTables, load_tables, save_tables, version_dir
+from aoq.training.checkpoint import (
+    STATE_FILE, capture_rng, load_file, model_record, restore_rng, rng_file, save_file,
+)
+from aoq.training.optim import build_optimizer
+from aoq.training.steps import train_epoch, unwrap
+
+BEST_MODEL_FILE = "best_model.pt"
+TEST_METRICS_FILE = "test_metrics.json"
+
+
+@dataclass(frozen=True)
+class WorkerPayload:
+    """Everything the driver hands the workers (all picklable plain values).
+
+    Attributes:
+        config: ``config_to_dict`` of the validated config.
+        prepared: the driver's data preparation result.
+        run: the MLflow run to log into.
+        output_dir: absolute directory for best weights, tables and test outputs.
+        initial_tables: a table version directory to start with (``checkpoint:`` and
+            ``tables:`` sources), or None.
+    """
+
+    config: dict[str, Any]
+    prepared: PreparedData
+    run: RunHandle
+    output_dir: str
+    initial_tables: str | None = None
+
+
+def tables_root(output_dir: str | os.PathLike) -> Path:
+    return Path(output_dir) / "negatives"
+
+
+class WorkerSession:
+    """One rank's view of a training run."""
+
+    def __init__(self, payload: WorkerPayload, rank: int, world: int, device: torch.device,
+                 report) -> None:
+        self.payload = payload
+        self.cfg = config_from_dict(payload.config)
+        self.rank, self.world, self.device = rank, world, device
+        self.report = report  # ray.train.report, injected so this class is testable
+        self.output_dir = Path(payload.output_dir)
+        self.prepared = payload.prepared
+        self.train = open_split(self.prepared, self.cfg.data.train_split)
+        self.dev = open_split(self.prepared, self.cfg.data.dev_split)
+        self.tables: CandidateTables | None = None
+        self.tables_epoch: int | None = None  # epoch whose model mined the tables
+        self.next_version = 1
+        self.start_epoch = 0
+        self.best_rsum = -math.inf
+
+    # ------------------------------------------------------------------ setup
+
+    def build(self, prepare_model) -> None:
+        """Model (identically initialised on every rank), optimizer, scheduler, data."""
+        cfg = self.cfg
+        torch.manual_seed(cfg.run.seed)
+        core = build_model(cfg.model, self.prepared.vocab_size, self.prepared.feature_dim)
+        self.model = prepare_model(core)
+        self.optimizer, self.scheduler = build_optimizer(cfg.optim, self.model)
+        self.dataset = PairDataset(self.train, seed=cfg.run.seed, rank=self.rank,
+                                   sampling_range=cfg.negatives.sampling_range)
+        self.sampler = EpochBatchSampler(len(self.dataset), cfg.optim.batch_size,
+                                         rank=self.rank, world=self.world, seed=cfg.run.seed)
+        self.loader = make_loader(self.dataset, self.sampler, cfg.data.loader_workers,
+                                  pin_memory=self.device.type == "cuda")
+        if self.payload.initial_tables:
+            self._use_tables(self.payload.initial_tables, epoch=None)
+
+    def restore(self, checkpoint_dir: str | None) -> None:
+        """Continue from a Ray checkpoint directory (a resumed or restarted run)."""
+        if checkpoint_dir is None:
+            return
+        state = load_file(Path(checkpoint_dir) / STATE_FILE)
+        unwrap(self.model).load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.start_epoch = int(state["epoch"]) + 1
+        self.best_rsum = float(state["best_rsum"])
+        self.next_version = int(state["next_table_version"])
+        if state.get("tables_path"):
+            self._use_tables(state["tables_path"], state.get("tables_epoch"))
+        rng_path = Path(checkpoint_dir) / rng_file(self.rank)
+        if rng_path.exists():
+            restore_rng(load_file(rng_path))
+
+    # ------------------------------------------------------------------ negatives
+
+    def _use_tables(self, path: str, epoch: int | None) -> None:
+        self.tables = load_tables(path, n_images=self.train.n_images,
+                                  captions_per_image=self.train.captions_per_image,
+                                  check_ids=self.rank == 0)
+        self.tables_epoch = epoch
+        self.dataset.set_tables(self.tables)
+
+    def _barrier(self) -> None:
+        if self.world > 1 and torch.distributed.is_initialized():
+            torch.distributed.barrier()
+
+    def mine(self, epoch: int) -> None:
+        """Rank 0 mines from the current weights; every rank then switches together."""
+        neg = self.cfg.negatives
+        version = self.next_version
+        path = version_dir(tables_root(self.output_dir), version)
+        if self.rank == 0 and not path.exists():
+            start = time.perf_counter()
+            i2t, t2i = mine_from_model(unwrap(self.model), self.train, k_captions=neg.k_captions,
+                                       k_images=neg.k_images, block_rows=neg.block_rows)
+            save_tables(tables_root(self.output_dir), version, i2t, t2i,
+                        epoch=epoch, source=f"model after epoch {epoch - 1}",
+                        seconds=round(time.perf_counter() - start, 3))
+            print(f"[aoq] mined table version {version} from the epoch-{epoch - 1} model in "
+                  f"{time.perf_counter() - start:.1f}s", flush=True)
+        self._barrier()
+        self.next_version = version + 1
+        self._use_tables(str(path), epoch)
+
+    # ------------------------------------------------------------------ epochs
+
+    def _loss_for(self, epoch: int) -> AOQLoss:
+        variant = variant_for_epoch(epoch, self.cfg.negatives, self.cfg.loss,
+                                    have_tables=self.tables is not None)
+        loss_cfg = dataclasses.replace(self.cfg.loss, variant=variant)
+        return AOQLoss.from_config(loss_cfg)
+
+    def _progress(self, epoch: int, total_steps: int):
+        if self.rank != 0:
+            return None
+        every = max(1, total_steps // 4)
+        start = time.perf_counter()
+
+        def on_step(step: int, loss: float) -> None:
+            if step % every == 0 or step == total_steps:
+                rate = step * self.cfg.optim.batch_size * self.world / (time.perf_counter() - start)
+                print(f"[aoq] epoch {epoch + 1}/{self.cfg.optim.epochs} step {step}/{total_steps}"
+                      f" loss {loss:.3f} ({rate:.0f} pairs/s)", flush=True)
+
+        return on_step
+
+    def evaluate_dev(self) -> dict[str, float]:
+        scores = score_split(unwrap(self.model), self.dev, max_images=self.cfg.data.dev_max_images)
+        return retrieval_metrics(scores)
+
+    def _save_best(self, epoch: int, rsum: float) -> None:
+        record = model_record(self.cfg.model, unwrap(self.model),
+                              vocab_size=self.prepared.vocab_size,
+                              img_dim=self.prepared.feature_dim,
+                              vocab_path=self.prepared.vocab_path, epoch=epoch, dev_rsum=rsum)
+        save_file(self.output_dir / BEST_MODEL_FILE, record)
+
+    def _checkpoint_state(self, epoch: int) -> dict[str, Any]:
+        return {
+            "model": unwrap(self.model).state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "epoch": epoch,
+            "best_rsum": self.best_rsum,
+            "next_table_version": self.next_version,
+            "tables_path": self.tables.path if self.tables is not None else "",
+            "tables_epoch": self.tables_epoch,
+        }
+
+    def run_epoch(self, epoch: int) -> None:
+        if mine_at_epoch_start(epoch, self.cfg.negatives, self.cfg.loss):
+            self.mine(epoch)
+        loss_fn = self._loss_for(epoch)
+        self.sampler.set_epoch(epoch)
+        stats = train_epoch(self.model, self.loader, loss_fn, self.optimizer,
+                            grad_clip=self.cfg.optim.grad_clip, device=self.device,
+                            on_step=self._progress(epoch, len(self.sampler)))
+        lr = self.optimizer.param_groups[0]["lr"]
+        self.scheduler.step()
+        metrics: dict[str, float] = {"epoch": epoch, "lr": lr, **stats.as_metrics()}
+        metrics["negatives/table_version"] = self.tables.version if self.tables else 0
+        if self.tables is not None and self.tables_epoch is not None:
+            metrics["negatives/staleness_epochs"] = epoch - self.tables_epoch
+        metrics["loss_variant_is_offline"] = float(loss_fn.needs_offline)
+        if self.rank == 0:
+            dev = self.evaluate_dev()
+            metrics.update({f"dev/{k}": v for k, v in dev.items()})
+            if dev["rsum"] > self.best_rsum:
+                self.best_rsum = dev["rsum"]
+                self._save_best(epoch, dev["rsum"])
+            metrics["dev/best_rsum"] = self.best_rsum
+            log_metrics(self.payload.run, metrics, step=epoch)
+            print(f"[aoq] epoch {epoch + 1}/{self.cfg.optim.epochs}: loss "
+                  f"{stats.terms.get('loss', 0):.3f} ({loss_fn.variant}), dev rsum "
+                  f"{dev['rsum']:.1f} (best {self.best_rsum:.1f}), "
+                  f"{stats.samples_per_second * self.world:.0f} pairs/s", flush=True)
+        self._report(metrics, epoch)
+
+    def _report(self, metrics: dict[str, float], epoch: int) -> None:
+        from ray.train import Checkpoint
+
+        with tempfile.TemporaryDirectory(prefix="aoq-ckpt-") as tmp:
+            if self.rank == 0:
+                save_file(Path(tmp) / STATE_FILE, self._checkpoint_state(epoch))
+            save_file(Path(tmp) / rng_file(self.rank), capture_rng())
+            self.report(metrics, checkpoint=Checkpoint.from_directory(tmp))
+
+    # ------------------------------------------------------------------ test
+
+    def finish(self) -> None:
+        """Rank 0 evaluates the best weights on test; every rank reports once more."""
+        metrics: dict[str, float] = {}
+        if self.rank == 0:
+            metrics = self.evaluate_test()
+        self.report({"final": 1, **metrics})
+
+    def evaluate_test(self) -> dict[str, float]:
+        from aoq.evaluation import plot_recall_curves, ranks_i2t, ranks_t2i, recall_curve
+
+        best = self.output_dir / BEST_MODEL_FILE
+        core = unwrap(self.model)
+        if best.exists():
+            core.load_state_dict(load_file(best)["model"])
+        test = open_split(self.prepared, self.cfg.data.test_split)
+        scores = score_split(core, test)
+        result = retrieval_metrics(scores, folds=self.cfg.data.test_folds)
+        curves = {"image→text": recall_curve(ranks_i2t(scores)),
+                  "text→image": recall_curve(ranks_t2i(scores))}
+        plot_recall_curves(curves, self.output_dir / "recall_curves.png")
+        np.save(self.output_dir / "test_recall_curves.npy", np.stack(list(curves.values())))
+        metrics = {f"test/{k}": v for k, v in result.items()}
+        (self.output_dir / TEST_METRICS_FILE).write_text(json.dumps(metrics, indent=2))
+        log_metrics(self.payload.run, metrics, step=self.cfg.optim.epochs)
+        return metrics
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """Ray Train entry point; ``config = {"payload": WorkerPayload}``."""
+    import ray.train
+    import ray.train.torch
+
+    payload: WorkerPayload = config["payload"]
+    ctx = ray.train.get_context()
+    cfg = config_from_dict(payload.config)
+    # One intra-op thread per reserved CPU: more would oversubscribe the other ranks.
+    torch.set_num_threads(max(1, int(cfg.run.cpus_per_worker)))
+    device = ray.train.torch.get_device()
+    session = WorkerSession(payload, ctx.get_world_rank(), ctx.get_world_size(), device,
+                            ray.train.report)
+    session.build(ray.train.torch.prepare_model)
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as directory:
+            session.restore(directory)
+    for epoch in range(session.start_epoch, cfg.optim.epochs):
+        session.run_epoch(epoch)
+    session.finish()

@@ -1,0 +1,211 @@
+"""The typed configuration: one dataclass per concern, nested under :class:`Config`.
+
+Every field carries its help text and its constraints in ``metadata`` so that the
+loader, the validator, ``--help`` and the MLflow params are all derived from this
+single file. Functions downstream receive the section they need (``cfg.loss``,
+``cfg.optim`` ...), never the whole config.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+def opt(
+    default: Any,
+    help: str,
+    *,
+    choices: tuple[Any, ...] | None = None,
+    min: float | None = None,
+    max: float | None = None,
+    gt: float | None = None,
+    path: bool = False,
+) -> Any:
+    """A dataclass field with help text and constraints.
+
+    ``min``/``max`` are inclusive bounds, ``gt`` an exclusive lower bound.
+    ``path`` marks a string that names a local path or URI; the loader makes local
+    paths absolute, because a submitted Ray job runs in a temporary copy of its
+    working directory and relative paths would silently land there.
+    """
+    meta = {"help": help, "choices": choices, "min": min, "max": max, "gt": gt, "path": path}
+    if isinstance(default, (dict, list)):
+        return field(default_factory=lambda: type(default)(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class ScenesConfig:
+    """Size and difficulty of the built-in synthetic ``scenes`` dataset."""
+
+    seed: int = opt(0, "generator seed; the same seed always gives byte-identical files")
+    n_train: int = opt(4000, "training images (5 captions each)", min=50)
+    n_dev: int = opt(500, "dev images", min=10)
+    n_test: int = opt(1000, "test images; 1000 so that the 1K protocol applies", min=10)
+    n_regions: int = opt(36, "regions per image, as in bottom-up-attention features", min=4)
+    feature_dim: int = opt(128, "region feature dimension (real data: 2048)", min=8)
+    family_size: int = opt(
+        4,
+        "scenes per near-miss family: a base composition plus variants that change one "
+        "attribute, object or relation",
+        min=1,
+    )
+    heldout_fraction: float = opt(
+        0.15, "fraction of (attribute, object) pairs never seen in training; every test "
+        "scene contains one", min=0.0, max=0.5,
+    )
+    noise: float = opt(0.6, "std of the region-feature noise, relative to the signal", min=0.0)
+
+
+@dataclass
+class DataConfig:
+    """Where the data comes from and how captions are turned into tokens."""
+
+    dataset: str = opt(
+        "scenes",
+        "'scenes' (built in, generated on first use) or a directory in the precomp layout "
+        "(<split>_ims.npy, <split>_caps.txt)",
+        path=True,
+    )
+    cache_dir: str = opt(
+        "~/.cache/aoq", "where generated datasets and caption caches live", path=True
+    )
+    vocab: str = opt(
+        "",
+        "a vocabulary json in SCAN's layout; empty builds one from the training captions",
+        path=True,
+    )
+    min_word_count: int = opt(4, "words seen fewer times in training map to <unk>", min=1)
+    train_split: str = opt("train", "split used for training and mining")
+    dev_split: str = opt("dev", "split evaluated every epoch")
+    test_split: str = opt("test", "split evaluated once at the end (COCO 5K: testall)")
+    dev_max_images: int = opt(
+        1000, "evaluate dev on its first N images (COCO dev has 5000); 0 = all", min=0
+    )
+    test_folds: int = opt(
+        1, "1 = all test images at once; 5 = COCO 1K protocol (folds of 1000)", min=1
+    )
+    captions_per_image: int = opt(5, "captions per image in the precomp layout", min=1)
+    loader_workers: int = opt(0, "DataLoader worker processes per training worker", min=0)
+    scenes: ScenesConfig = field(default_factory=ScenesConfig)
+
+
+@dataclass
+class ModelConfig:
+    """Which model, and its sizes."""
+
+    name: str = opt("vse", "model name in the registry (aoq.models.available_models())")
+    embed_dim: int = opt(256, "joint embedding size (paper: 1024 or 2048)", min=8)
+    word_dim: int = opt(128, "word embedding size (paper: 300)", min=8)
+    img_dim: int = opt(0, "region feature size; 0 infers it from the data", min=0)
+    text_layers: int = opt(1, "GRU layers of the text encoder", min=1)
+    bidirectional: bool = opt(False, "bidirectional GRU (outputs averaged)")
+    image_pooling: str = opt(
+        "max", "how region embeddings become one image embedding", choices=("mean", "max")
+    )
+    image_mlp: bool = opt(
+        True, "add a 2-layer MLP residual on each projected region (as VSE-infinity)"
+    )
+
+
+@dataclass
+class LossConfig:
+    """The AOQ loss family (design.md §1)."""
+
+    variant: str = opt(
+        "triplet",
+        "triplet (VSE++), offtri (+offline triplets), offquin (+quintuplets), aoq (+adaptive "
+        "weights)",
+        choices=("triplet", "offtri", "offquin", "aoq"),
+    )
+    margin_online: float = opt(0.2, "margin of the online (in-batch) terms", min=0.0)
+    margin_offline: float = opt(0.0, "margin of the offline and quintuplet terms", min=0.0)
+    alpha: float = opt(0.3, "adaptive-weight temperature (w = beta - diff/alpha)", gt=0.0)
+    beta: float = opt(1.5, "adaptive-weight offset")
+    max_violation: bool = opt(True, "online terms use the hardest in-batch negative only")
+    mask_same_image: bool = opt(
+        False,
+        "do not count in-batch captions of the anchor's own image as negatives (the "
+        "authors count them)",
+    )
+
+
+@dataclass
+class NegativesConfig:
+    """Offline hard negatives: where the candidate tables come from and how they are used."""
+
+    source: str = opt(
+        "mine",
+        "mine (warm up with triplet, then mine from the current model), "
+        "checkpoint:<path> (mine once from a first-round model), tables:<path>",
+    )
+    k_captions: int = opt(2000, "i2t table width: candidate captions per image", min=1)
+    k_images: int = opt(400, "t2i table width: candidate images per caption", min=1)
+    sampling_range: int = opt(
+        300, "h: draw n ~ U{0..h-1}; caption negative i2t[n], image negative t2i[n // 5]",
+        min=1,
+    )
+    warmup_epochs: int = opt(1, "epochs of plain triplet before the first mining", min=0)
+    refresh_every: int = opt(1, "re-mine every N epochs; 0 = never refresh", min=0)
+    block_rows: int = opt(2048, "rows per block in the exact top-K search", min=1)
+
+
+@dataclass
+class OptimConfig:
+    """Optimisation schedule."""
+
+    epochs: int = opt(12, "training epochs", min=1)
+    batch_size: int = opt(
+        128, "pairs per worker per step; in-batch negatives come from this batch", min=2
+    )
+    lr: float = opt(2e-4, "Adam learning rate", gt=0.0)
+    lr_decay_epochs: int = opt(8, "multiply the lr by lr_decay_gamma every N epochs", min=1)
+    lr_decay_gamma: float = opt(0.1, "step decay factor", gt=0.0, max=1.0)
+    grad_clip: float = opt(2.0, "max gradient norm; 0 disables clipping", min=0.0)
+    weight_decay: float = opt(0.0, "Adam weight decay", min=0.0)
+
+
+@dataclass
+class RunConfig:
+    """How and where the job runs."""
+
+    name: str = opt("", "run name; empty = aoq-<model>-<variant>-<timestamp>")
+    storage: str = opt(
+        "./outputs", "absolute path or URI for checkpoints, tables and outputs", path=True
+    )
+    num_workers: int = opt(2, "Ray Train workers (DDP ranks)", min=1)
+    device: str = opt(
+        "auto", "auto uses one GPU per worker when GPUs exist", choices=("auto", "cpu", "cuda")
+    )
+    cpus_per_worker: float = opt(1.0, "CPUs reserved per training worker", gt=0.0)
+    seed: int = opt(0, "seed for model init, sampling and shuffling")
+    max_failures: int = opt(0, "worker-group restarts from the last checkpoint", min=0)
+    checkpoints_to_keep: int = opt(2, "epoch checkpoints kept", min=1)
+    resume: bool = opt(
+        True, "continue a run with the same name and storage from its latest checkpoint"
+    )
+
+
+@dataclass
+class TrackingConfig:
+    """MLflow tracking."""
+
+    uri: str = opt(
+        "", "MLflow tracking URI; empty = $MLFLOW_TRACKING_URI or sqlite:///<cwd>/mlflow.db"
+    )
+    experiment: str = opt("aoq", "MLflow experiment name")
+    tags: dict = opt({}, "extra run tags, e.g. tracking.tags.group=ablation")
+
+
+@dataclass
+class Config:
+    """The whole job configuration."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    negatives: NegativesConfig = field(default_factory=NegativesConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)

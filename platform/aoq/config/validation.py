@@ -1,0 +1,98 @@
+"""One validation pass over a whole Config, reporting every problem at once."""
+
+from __future__ import annotations
+
+import math
+
+from aoq.config.loader import ConfigError, iter_options
+from aoq.config.schema import Config
+
+NEGATIVE_SOURCES = ("mine", "checkpoint:<path>", "tables:<path>")
+
+
+def _field_problems(cfg: Config) -> list[str]:
+    problems = []
+    for key, value, _help, meta in iter_options(cfg):
+        choices = meta.get("choices")
+        if choices and value not in choices:
+            problems.append(f"{key}={value!r}: must be one of {', '.join(map(repr, choices))}")
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            continue
+        lo, hi, gt = meta.get("min"), meta.get("max"), meta.get("gt")
+        if lo is not None and value < lo:
+            problems.append(f"{key}={value!r}: must be >= {lo}")
+        if hi is not None and value > hi:
+            problems.append(f"{key}={value!r}: must be <= {hi}")
+        if gt is not None and not value > gt:
+            problems.append(f"{key}={value!r}: must be > {gt}")
+    return problems
+
+
+def parse_negative_source(source: str) -> tuple[str, str]:
+    """Split ``negatives.source`` into (kind, path); kind is mine, checkpoint or tables."""
+    kind, sep, path = source.partition(":")
+    if kind == "mine" and not sep:
+        return "mine", ""
+    if kind in ("checkpoint", "tables") and sep and path:
+        return kind, path
+    raise ConfigError(
+        f"negatives.source={source!r}: must be one of {', '.join(NEGATIVE_SOURCES)}"
+    )
+
+
+def _cross_problems(cfg: Config) -> list[str]:
+    problems = []
+    neg, loss, data = cfg.negatives, cfg.loss, cfg.data
+    try:
+        kind, _ = parse_negative_source(neg.source)
+    except ConfigError as exc:
+        problems.append(str(exc))
+        kind = "?"
+    if neg.sampling_range > neg.k_captions:
+        problems.append(
+            f"negatives.sampling_range={neg.sampling_range}: must be <= negatives.k_captions="
+            f"{neg.k_captions} (h draws from the top-h rows of the i2t table)"
+        )
+    # The image negative is t2i[n // captions_per_image] with n < h.
+    need_images = math.ceil(neg.sampling_range / data.captions_per_image)
+    if neg.k_images < need_images:
+        problems.append(
+            f"negatives.k_images={neg.k_images}: must be >= ceil(sampling_range / "
+            f"captions_per_image) = {need_images}"
+        )
+    if loss.variant != "triplet" and kind == "mine" and neg.warmup_epochs >= cfg.optim.epochs:
+        problems.append(
+            f"negatives.warmup_epochs={neg.warmup_epochs}: must be < optim.epochs="
+            f"{cfg.optim.epochs}, or loss.variant={loss.variant!r} would never see an offline "
+            "negative"
+        )
+    if data.dataset == "scenes" and data.scenes.n_test % data.test_folds:
+        problems.append(
+            f"data.test_folds={data.test_folds}: must divide data.scenes.n_test="
+            f"{data.scenes.n_test}"
+        )
+    if data.dataset == "scenes" and data.scenes.n_train * data.captions_per_image <= (
+        neg.k_captions + data.captions_per_image
+    ) and loss.variant != "triplet":
+        problems.append(
+            f"negatives.k_captions={neg.k_captions}: the scenes train split has only "
+            f"{data.scenes.n_train * data.captions_per_image} captions"
+        )
+    try:
+        from aoq.models import available_models
+
+        names = available_models()
+        if cfg.model.name not in names:
+            problems.append(f"model.name={cfg.model.name!r}: must be one of "
+                            f"{', '.join(map(repr, names))}")
+    except ImportError:  # pragma: no cover - aoq.models always ships with aoq
+        pass
+    return problems
+
+
+def validate(cfg: Config) -> None:
+    """Raise one ConfigError listing every problem, or return None if the config is sound."""
+    problems = _field_problems(cfg) + _cross_problems(cfg)
+    if problems:
+        raise ConfigError("invalid config:\n  - " + "\n  - ".join(problems))

@@ -1,0 +1,370 @@
+"""The built-in ``scenes`` dataset: compositional scenes rendered as region features.
+
+Why it exists: the real loaders and the method must run on any machine without a 33 GB
+download, and the data must make AOQ's point. A scene is 2-3 objects, each an
+(object, colour, size) at a position, on a background. Its five captions name the
+objects with their attributes and the spatial relation between two of them, in varied
+templates and synonyms.
+
+How it makes the point:
+
+* **Near misses exist across the training set, rarely in one batch.** Scenes come in
+  families: a base scene and variants that change exactly one thing (one object's
+  colour, the two colours swapped, the positions swapped so the relation flips, one
+  object replaced, the background). A variant's captions differ from the base's by a
+  word or two: a hard negative. With families of 4 among thousands of images, a random
+  batch of 128 holds a family member of a given anchor only a few percent of the time,
+  but the whole set always does: that is what offline mining finds and online mining
+  misses.
+* **Binding matters.** A region's feature is a fixed random *nonlinear* function of its
+  object, colour and size, plus a position code and noise; a bag of words or a bag of
+  regions cannot tell "a red dog and a blue car" from "a blue dog and a red car".
+* **The test split holds unseen combinations.** A fixed fraction of (colour, object)
+  pairs never occurs in train; every dev and test scene contains at least one of them,
+  so a model must compose what it learned rather than memorise pairs.
+
+Every draw comes from one ``numpy.random.Generator`` seeded by ``ScenesConfig.seed``,
+so the same config always writes byte-identical files.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from aoq.atomic import atomic_write_text
+from aoq.data.precomp import write_precomp
+
+#: Bump when the generator's output changes, so old caches are not reused.
+GENERATOR_VERSION = 1
+
+OBJECTS = {
+    "dog": ("dog", "puppy"), "cat": ("cat", "kitten"), "horse": ("horse", "pony"),
+    "bird": ("bird", "bird"), "car": ("car", "automobile"), "bus": ("bus", "bus"),
+    "bicycle": ("bicycle", "bike"), "boat": ("boat", "boat"), "chair": ("chair", "seat"),
+    "table": ("table", "table"), "lamp": ("lamp", "lamp"), "clock": ("clock", "clock"),
+    "ball": ("ball", "ball"), "cup": ("cup", "mug"), "umbrella": ("umbrella", "umbrella"),
+    "tree": ("tree", "tree"),
+}
+COLOURS = ("red", "blue", "green", "yellow", "black", "white", "brown", "orange")
+SIZES = ("small", "large")
+BACKGROUNDS = {
+    "grass": "on the grass", "street": "on a street", "beach": "on a beach",
+    "room": "in a room", "snow": "in the snow", "field": "in a field",
+}
+# (phrase for A relative to B, phrase for B relative to A)
+RELATIONS = {
+    "left": (("to the left of", "left of"), ("to the right of", "right of")),
+    "right": (("to the right of", "right of"), ("to the left of", "left of")),
+    "above": (("above", "over"), ("below", "under")),
+    "below": (("below", "under"), ("above", "over")),
+}
+OBJECT_NAMES = tuple(OBJECTS)
+BACKGROUND_NAMES = tuple(BACKGROUNDS)
+
+
+@dataclass(frozen=True)
+class SceneObject:
+    """One object: indices into OBJECT_NAMES / COLOURS / SIZES and a position in [0, 1]^2."""
+
+    obj: int
+    colour: int
+    size: int
+    x: float
+    y: float
+
+
+@dataclass(frozen=True)
+class Scene:
+    objects: tuple[SceneObject, ...]
+    background: int
+
+
+# ----------------------------------------------------------------------- sampling scenes
+
+
+class _SceneSampler:
+    """Draws scenes and near-miss variants from an allowed set of (colour, object) pairs."""
+
+    def __init__(self, rng: np.random.Generator, allowed: np.ndarray, required: np.ndarray | None):
+        self.rng = rng
+        self.allowed = allowed      # (n_colours, n_objects) bool: pairs this split may use
+        self.required = required    # pairs one object of each scene must use, or None
+
+    def _object(self, pair: tuple[int, int] | None, taken: set[int]) -> SceneObject:
+        rng = self.rng
+        if pair is None:
+            while True:
+                colour, obj = (int(v) for v in np.argwhere(self.allowed)[
+                    rng.integers(int(self.allowed.sum()))])
+                if obj not in taken:
+                    break
+        else:
+            colour, obj = pair
+        return SceneObject(obj, colour, int(rng.integers(len(SIZES))), 0.0, 0.0)
+
+    def _place(self, objects: list[SceneObject]) -> tuple[SceneObject, ...]:
+        # Distinct positions far enough apart that the relation between any two objects
+        # is unambiguous (|dx| or |dy| >= 0.3).
+        rng = self.rng
+        placed: list[SceneObject] = []
+        for o in objects:
+            while True:
+                x, y = (float(v) for v in rng.uniform(0.05, 0.95, size=2))
+                if all(max(abs(x - p.x), abs(y - p.y)) >= 0.3 for p in placed):
+                    break
+            placed.append(dataclasses.replace(o, x=round(x, 3), y=round(y, 3)))
+        return tuple(placed)
+
+    def scene(self) -> Scene:
+        rng = self.rng
+        n = int(rng.integers(2, 4))
+        objects: list[SceneObject] = []
+        if self.required is not None:
+            pairs = np.argwhere(self.required)
+            colour, obj = (int(v) for v in pairs[rng.integers(len(pairs))])
+            objects.append(self._object((colour, obj), set()))
+        while len(objects) < n:
+            objects.append(self._object(None, {o.obj for o in objects}))
+        order = rng.permutation(len(objects))
+        return Scene(self._place([objects[i] for i in order]),
+                     int(rng.integers(len(BACKGROUND_NAMES))))
+
+    def variant(self, base: Scene) -> Scene:
+        """``base`` with exactly one change, keeping every pair allowed (and required)."""
+        rng = self.rng
+        for _ in range(100):
+            kind = int(rng.integers(5))
+            objs = list(base.objects)
+            i, j = (int(v) for v in rng.choice(len(objs), size=2, replace=False))
+            if kind == 0:  # recolour one object
+                objs[i] = dataclasses.replace(objs[i], colour=int(rng.integers(len(COLOURS))))
+            elif kind == 1:  # swap the colours of two objects
+                ci, cj = objs[i].colour, objs[j].colour
+                objs[i] = dataclasses.replace(objs[i], colour=cj)
+                objs[j] = dataclasses.replace(objs[j], colour=ci)
+            elif kind == 2:  # swap two positions: every relation between them flips
+                pi, pj = (objs[i].x, objs[i].y), (objs[j].x, objs[j].y)
+                objs[i] = dataclasses.replace(objs[i], x=pj[0], y=pj[1])
+                objs[j] = dataclasses.replace(objs[j], x=pi[0], y=pi[1])
+            elif kind == 3:  # replace one object by another category
+                taken = {o.obj for o in objs}
+                free = [k for k in range(len(OBJECT_NAMES)) if k not in taken]
+                objs[i] = dataclasses.replace(objs[i], obj=int(rng.choice(free)))
+            else:  # change the background
+                bg = int(rng.integers(len(BACKGROUND_NAMES) - 1))
+                bg = bg + (bg >= base.background)
+                candidate = Scene(tuple(objs), bg)
+                return candidate
+            candidate = Scene(tuple(objs), base.background)
+            if candidate != base and self._valid(candidate):
+                return candidate
+        return base  # pragma: no cover - 100 failed draws is vanishingly unlikely
+
+    def _valid(self, scene: Scene) -> bool:
+        pairs = [(o.colour, o.obj) for o in scene.objects]
+        if len({o.obj for o in scene.objects}) != len(scene.objects):
+            return False
+        if not all(self.allowed[c, o] for c, o in pairs):
+            return False
+        return self.required is None or any(self.required[c, o] for c, o in pairs)
+
+
+# ----------------------------------------------------------------------- captions
+
+
+def _relation(a: SceneObject, b: SceneObject) -> str:
+    """The dominant spatial relation of ``a`` relative to ``b`` (y grows downwards)."""
+    dx, dy = a.x - b.x, a.y - b.y
+    if abs(dx) >= abs(dy):
+        return "left" if dx < 0 else "right"
+    return "above" if dy < 0 else "below"
+
+
+def _noun(o: SceneObject, rng: np.random.Generator, *, size: bool) -> str:
+    name = OBJECTS[OBJECT_NAMES[o.obj]][int(rng.integers(2))]
+    words = ([SIZES[o.size]] if size else []) + [COLOURS[o.colour], name]
+    return " ".join(words)
+
+
+def _article(phrase: str) -> str:
+    return ("an " if phrase[0] in "aeiou" else "a ") + phrase
+
+
+def captions_for(scene: Scene, rng: np.random.Generator) -> list[str]:
+    """Five true, varied captions of ``scene``."""
+    objs = scene.objects
+    bg = BACKGROUNDS[BACKGROUND_NAMES[scene.background]]
+    out = []
+    for k in range(5):
+        i, j = (int(v) for v in rng.choice(len(objs), size=2, replace=False))
+        a, b = objs[i], objs[j]
+        rel = RELATIONS[_relation(a, b)][0][int(rng.integers(2))]
+        na, nb = _noun(a, rng, size=bool(rng.integers(2))), _noun(b, rng, size=bool(rng.integers(2)))
+        if k == 0:
+            listed = [_article(_noun(o, rng, size=True)) for o in objs]
+            text = ", ".join(listed[:-1]) + " and " + listed[-1] + " " + bg
+        elif k == 1:
+            text = f"{_article(na)} {rel} {_article(nb)}"
+        elif k == 2:
+            text = f"there is {_article(na)} {rel} {_article(nb)} {bg}"
+        elif k == 3:
+            back = RELATIONS[_relation(a, b)][1][int(rng.integers(2))]
+            text = f"{_article(nb)} {back} {_article(na)}"
+        else:
+            text = f"a photo of {_article(na)} and {_article(nb)} {bg}, the {na.split()[-1]} " \
+                   f"is {rel} the {nb.split()[-1]}"
+        out.append(text)
+    return out
+
+
+# ----------------------------------------------------------------------- region features
+
+
+class _Renderer:
+    """Maps scenes to (n_regions, dim) float32 region features.
+
+    Object regions carry a random two-layer tanh network of (object, colour, size)
+    embeddings, so the colour is *bound* to its object nonlinearly; part regions carry
+    only the object or only the colour; all carry a position code; the rest of the
+    regions show the background. Gaussian noise is added everywhere.
+    """
+
+    def __init__(self, rng: np.random.Generator, dim: int, n_regions: int, noise: float):
+        hidden = 2 * dim
+        self.dim, self.n_regions, self.noise = dim, n_regions, noise
+        self.e_obj = rng.normal(size=(len(OBJECT_NAMES), hidden)).astype(np.float32)
+        self.e_col = rng.normal(size=(len(COLOURS), hidden)).astype(np.float32)
+        self.e_size = rng.normal(size=(len(SIZES), hidden)).astype(np.float32) * 0.5
+        self.w_out = (rng.normal(size=(hidden, dim)) / np.sqrt(hidden)).astype(np.float32)
+        self.part_obj = rng.normal(size=(len(OBJECT_NAMES), dim)).astype(np.float32) * 0.7
+        self.part_col = rng.normal(size=(len(COLOURS), dim)).astype(np.float32) * 0.7
+        self.bg = rng.normal(size=(len(BACKGROUND_NAMES), dim)).astype(np.float32) * 0.7
+        self.pos = (rng.normal(size=(4, dim)) / 2).astype(np.float32)
+
+    def _position(self, x: float, y: float) -> np.ndarray:
+        # A smooth code of (x, y): nearby positions get similar codes.
+        basis = np.array([np.sin(np.pi * x), np.cos(np.pi * x),
+                          np.sin(np.pi * y), np.cos(np.pi * y)], dtype=np.float32)
+        return basis @ self.pos
+
+    def render(self, scene: Scene, rng: np.random.Generator) -> np.ndarray:
+        regions = []
+        for o in scene.objects:
+            pos = self._position(o.x, o.y)
+            h = np.tanh(self.e_obj[o.obj] + self.e_col[o.colour] + self.e_size[o.size])
+            regions.append(h @ self.w_out + pos)                  # the whole object
+            regions.append(0.6 * (h @ self.w_out) + pos)          # a tighter box
+            regions.append(self.part_obj[o.obj] + pos)            # a shape-only part
+            regions.append(self.part_col[o.colour] + pos)         # a colour-only patch
+        while len(regions) < self.n_regions:
+            regions.append(self.bg[scene.background] * float(rng.uniform(0.5, 1.0)))
+        feats = np.stack(regions[: self.n_regions]).astype(np.float32)
+        # Region order carries no meaning in detector output; shuffle it.
+        feats = feats[rng.permutation(len(feats))]
+        feats += rng.normal(scale=self.noise, size=feats.shape).astype(np.float32)
+        return feats
+
+
+# ----------------------------------------------------------------------- splits on disk
+
+
+def _family_scenes(sampler: _SceneSampler, n: int, family: int) -> Iterator[Scene]:
+    made = 0
+    while made < n:
+        base = sampler.scene()
+        for k in range(min(family, n - made)):
+            yield base if k == 0 else sampler.variant(base)
+            made += 1
+
+
+def scenes_key(cfg) -> str:
+    """Cache key of a ScenesConfig: its values plus the generator version."""
+    payload = json.dumps({"version": GENERATOR_VERSION, **dataclasses.asdict(cfg)},
+                         sort_keys=True)
+    return hashlib.sha256(payload.encode()).hexdigest()[:12]
+
+
+def generate_scenes(cfg, directory: str | os.PathLike, *, progress: bool = False) -> Path:
+    """Write train/dev/test splits of ``scenes`` in the precomp layout into ``directory``.
+
+    Args:
+        cfg: an ``aoq.config.ScenesConfig``.
+        directory: created; must not already hold a finished dataset.
+
+    Returns:
+        ``directory``. A ``scenes.json`` manifest is written last, so its presence marks
+        a complete dataset.
+    """
+    from tqdm.auto import tqdm
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(cfg.seed)
+    renderer = _Renderer(rng, cfg.feature_dim, cfg.n_regions, cfg.noise)
+    pairs = len(COLOURS) * len(OBJECT_NAMES)
+    held = np.zeros(pairs, dtype=bool)
+    held[rng.choice(pairs, size=int(round(cfg.heldout_fraction * pairs)), replace=False)] = True
+    held = held.reshape(len(COLOURS), len(OBJECT_NAMES))
+    seen = ~held
+    # Every object keeps at least one seen colour, so train can place it at all.
+    for obj in range(len(OBJECT_NAMES)):
+        if not seen[:, obj].any():
+            seen[0, obj], held[0, obj] = True, False
+    splits = {
+        "train": (cfg.n_train, _SceneSampler(rng, seen, None)),
+        "dev": (cfg.n_dev, _SceneSampler(rng, np.ones_like(held), held if held.any() else None)),
+        "test": (cfg.n_test, _SceneSampler(rng, np.ones_like(held), held if held.any() else None)),
+    }
+    total = sum(n for n, _ in splits.values())
+    bar = tqdm(total=total, desc="generating scenes", unit="img", disable=not progress)
+    for split, (n, sampler) in splits.items():
+        scenes = list(_family_scenes(sampler, n, cfg.family_size))
+        # Families are generated together; shuffle so file order says nothing about them.
+        scenes = [scenes[i] for i in rng.permutation(n)]
+        feats = np.empty((n, cfg.n_regions, cfg.feature_dim), dtype=np.float32)
+        captions: list[str] = []
+        for i, scene in enumerate(scenes):
+            feats[i] = renderer.render(scene, rng)
+            captions.extend(captions_for(scene, rng))
+            bar.update(1)
+        write_precomp(directory, split, feats, captions)
+    bar.close()
+    manifest = {
+        "generator_version": GENERATOR_VERSION,
+        "config": dataclasses.asdict(cfg),
+        "heldout_pairs": [f"{COLOURS[c]} {OBJECT_NAMES[o]}" for c, o in np.argwhere(held)],
+    }
+    atomic_write_text(directory / "scenes.json", json.dumps(manifest, indent=2))
+    return directory
+
+
+def ensure_scenes(cfg, cache_dir: str | os.PathLike, *, progress: bool = False) -> Path:
+    """The directory of the ``scenes`` dataset for ``cfg``, generating it on first use.
+
+    Generation goes to a temporary sibling directory that is renamed into place, so a
+    killed generation never leaves a half-written dataset where a reader would use it.
+    """
+    final = Path(cache_dir) / "scenes" / scenes_key(cfg)
+    if (final / "scenes.json").exists():
+        return final
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    generate_scenes(cfg, tmp, progress=progress)
+    try:
+        os.rename(tmp, final)
+    except OSError:
+        # Another process finished first; its copy is identical (same seed and config).
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not (final / "scenes.json").exists():
+            raise
+    return final

@@ -1,0 +1,45 @@
+"""Mining once from a first-round model checkpoint (the paper's procedure)."""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+import numpy as np
+
+from aoq.data.errors import DataError
+from aoq.data.prepare import SplitArrays
+from aoq.negatives.from_model import mine_from_model
+from aoq.training.checkpoint import load_model
+
+
+def mine_from_checkpoint(
+    path: str | os.PathLike,
+    split: SplitArrays,
+    neg_cfg: Any,
+    *,
+    vocab_size: int,
+    progress: bool = False,
+) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+    """Tables of ``split`` under the model stored at ``path`` (a ``best_model.pt``).
+
+    Args:
+        neg_cfg: the ``negatives`` config section (K's and block size).
+        vocab_size: the data's vocabulary size; the checkpoint must match it.
+
+    Returns:
+        (i2t, t2i, metadata for the table version).
+    """
+    model, record = load_model(path)
+    if int(record["vocab_size"]) != vocab_size or int(record["img_dim"]) != split.images.shape[2]:
+        raise DataError(
+            f"checkpoint was trained with vocab {record['vocab_size']} / {record['img_dim']}-d "
+            f"regions, the data has vocab {vocab_size} / {split.images.shape[2]}-d", path=path)
+    start = time.perf_counter()
+    i2t, t2i = mine_from_model(model, split, k_captions=neg_cfg.k_captions,
+                               k_images=neg_cfg.k_images, block_rows=neg_cfg.block_rows,
+                               progress=progress)
+    meta = {"source": f"checkpoint:{os.fspath(path)}", "epoch": record.get("epoch"),
+            "seconds": round(time.perf_counter() - start, 3)}
+    return i2t, t2i, meta

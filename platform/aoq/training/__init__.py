@@ -1,0 +1,10 @@
+"""Training pieces independent of Ray: optimizer, step/epoch, checkpoint files."""
+
+from aoq.training.checkpoint import CheckpointError, load_file, save_file
+from aoq.training.optim import build_optimizer
+from aoq.training.steps import EpochStats, batch_scores, train_epoch, unwrap
+
+__all__ = [
+    "CheckpointError", "EpochStats", "batch_scores", "build_optimizer", "load_file",
+    "save_file", "train_epoch", "unwrap",
+]

@@ -1,0 +1,129 @@
+"""One training step and one training epoch, independent of Ray.
+
+The step encodes every image and caption of a batch in a single forward pass (anchors
+and, when present, the offline negatives and their positives), so DDP synchronises
+gradients once and the encoders see one large batch instead of three small ones.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import defaultdict
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+import torch
+
+from aoq.data.batches import Batch
+from aoq.losses import AOQLoss, OfflineScores
+from aoq.models.base import RetrievalModel
+
+
+def unwrap(model: torch.nn.Module) -> RetrievalModel:
+    """The model inside a DDP (or other ``.module``) wrapper."""
+    return getattr(model, "module", model)  # type: ignore[return-value]
+
+
+def batch_scores(
+    model: torch.nn.Module, batch: Batch
+) -> tuple[torch.Tensor, OfflineScores | None]:
+    """Encode a batch and score it.
+
+    Returns:
+        The (B, B) in-batch score matrix (anchors; positives on the diagonal) and, for a
+        batch with offline blocks, the four (B,) offline score vectors.
+    """
+    images, captions = model(batch.regions, batch.tokens, batch.lengths)
+    core = unwrap(model)
+    b = batch.size
+    anchor_i, anchor_c = images[:b], captions[:b]
+    scores = core.similarity(anchor_i, anchor_c)
+    if batch.n_blocks == 1:
+        return scores, None
+    image_neg, image_of_cap_neg = images[b:2 * b], images[2 * b:3 * b]
+    caption_neg, caption_of_image_neg = captions[b:2 * b], captions[2 * b:3 * b]
+    offline = OfflineScores(
+        image_caption_off=core.paired_similarity(anchor_i, caption_neg),
+        image_off_caption=core.paired_similarity(image_neg, anchor_c),
+        image_off_caption_off=core.paired_similarity(image_neg, caption_neg),
+        positives_of_offline=core.paired_similarity(image_of_cap_neg, caption_of_image_neg),
+    )
+    return scores, offline
+
+
+@dataclass
+class EpochStats:
+    """Averages over an epoch's steps (per-term losses are per-batch sums, averaged)."""
+
+    steps: int = 0
+    samples: int = 0
+    seconds: float = 0.0
+    data_seconds: float = 0.0
+    terms: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def samples_per_second(self) -> float:
+        return self.samples / self.seconds if self.seconds else 0.0
+
+    @property
+    def data_wait_fraction(self) -> float:
+        return self.data_seconds / self.seconds if self.seconds else 0.0
+
+    def as_metrics(self, prefix: str = "train/") -> dict[str, float]:
+        out = {f"{prefix}{k}": v for k, v in self.terms.items()}
+        out[f"{prefix}samples_per_s"] = self.samples_per_second
+        out[f"{prefix}data_wait_fraction"] = self.data_wait_fraction
+        out[f"{prefix}epoch_seconds"] = self.seconds
+        return out
+
+
+def train_epoch(
+    model: torch.nn.Module,
+    batches: Iterable[Batch],
+    loss_fn: AOQLoss,
+    optimizer: torch.optim.Optimizer,
+    *,
+    grad_clip: float,
+    device: torch.device,
+    on_step: Callable[[int, float], None] | None = None,
+) -> EpochStats:
+    """Run one pass over ``batches`` and return averaged statistics.
+
+    Offline blocks in a batch are ignored by a loss that does not need them (``triplet``
+    during warm-up reads only the anchors), and a loss that needs them fails loudly on a
+    batch without them.
+    """
+    model.train()
+    sums: dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros((), device=device))
+    stats = EpochStats()
+    start = time.perf_counter()
+    fetch_start = start
+    for batch in batches:
+        stats.data_seconds += time.perf_counter() - fetch_start
+        batch = batch.to(device)
+        scores, offline = batch_scores(model, batch)
+        loss = loss_fn(scores, offline if loss_fn.needs_offline else None, batch.image_ids)
+        aux = unwrap(model).auxiliary_loss()
+        if aux is not None:
+            loss = loss + aux
+            sums["auxiliary"] += aux.detach()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        optimizer.step()
+        sums["loss"] += loss.detach()
+        for name, value in loss_fn.last_terms.items():
+            sums[name] += value
+        stats.steps += 1
+        stats.samples += batch.size
+        if on_step is not None:
+            on_step(stats.steps, float(loss.detach()))
+        fetch_start = time.perf_counter()
+    stats.seconds = time.perf_counter() - start
+    stats.terms = {k: float(v) / max(stats.steps, 1) for k, v in sums.items()}
+    if not math.isfinite(stats.terms.get("loss", 0.0)):
+        raise FloatingPointError(f"training loss became {stats.terms['loss']}; lower optim.lr "
+                                 "or check the data")
+    return stats
