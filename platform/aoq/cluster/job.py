@@ -109,7 +109,8 @@ def _connect_ray(cfg: Config) -> bool:
     if os.environ.get("RAY_ADDRESS"):
         ray.init(logging_level="WARNING")
         return False
-    ray.init(address="local", include_dashboard=False, logging_level="WARNING")
+    # The dashboard stays on (loopback only): Ray Train's state API needs it.
+    ray.init(address="local", logging_level="WARNING")
     return True
 
 

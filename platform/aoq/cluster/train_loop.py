@@ -10,8 +10,8 @@ Ray merges into one checkpoint directory.
 
 from __future__ import annotations
 
-import dataclasses
 import json
+import logging
 import math
 import os
 import tempfile
@@ -32,13 +32,17 @@ from aoq.evaluation.encode import score_split
 from aoq.losses import AOQLoss
 from aoq.models import build_model
 from aoq.negatives.from_model import mine_from_model
-from aoq.negatives.schedule import mine_at_epoch_start, variant_for_epoch
+from aoq.negatives.schedule import loss_config_for_epoch, mine_at_epoch_start
 from aoq.negatives.tables import CandidateTables, load_tables, save_tables, version_dir
 from aoq.training.checkpoint import (
     STATE_FILE, capture_rng, load_file, model_record, restore_rng, rng_file, save_file,
 )
 from aoq.training.optim import build_optimizer
 from aoq.training.steps import train_epoch, unwrap
+
+# Ray Train tees print() into its logger as well as stdout, so every line would show
+# twice; a logger shows once.
+log = logging.getLogger("aoq.train")
 
 BEST_MODEL_FILE = "best_model.pt"
 TEST_METRICS_FILE = "test_metrics.json"
@@ -147,8 +151,8 @@ class WorkerSession:
             save_tables(tables_root(self.output_dir), version, i2t, t2i,
                         epoch=epoch, source=f"model after epoch {epoch - 1}",
                         seconds=round(time.perf_counter() - start, 3))
-            print(f"[aoq] mined table version {version} from the epoch-{epoch - 1} model in "
-                  f"{time.perf_counter() - start:.1f}s", flush=True)
+            log.info(f"mined table version {version} from the epoch-{epoch - 1} model in "
+                     f"{time.perf_counter() - start:.1f}s")
         self._barrier()
         self.next_version = version + 1
         self._use_tables(str(path), epoch)
@@ -156,10 +160,8 @@ class WorkerSession:
     # ------------------------------------------------------------------ epochs
 
     def _loss_for(self, epoch: int) -> AOQLoss:
-        variant = variant_for_epoch(epoch, self.cfg.negatives, self.cfg.loss,
-                                    have_tables=self.tables is not None)
-        loss_cfg = dataclasses.replace(self.cfg.loss, variant=variant)
-        return AOQLoss.from_config(loss_cfg)
+        return AOQLoss.from_config(loss_config_for_epoch(
+            epoch, self.cfg.negatives, self.cfg.loss, have_tables=self.tables is not None))
 
     def _progress(self, epoch: int, total_steps: int):
         if self.rank != 0:
@@ -170,8 +172,8 @@ class WorkerSession:
         def on_step(step: int, loss: float) -> None:
             if step % every == 0 or step == total_steps:
                 rate = step * self.cfg.optim.batch_size * self.world / (time.perf_counter() - start)
-                print(f"[aoq] epoch {epoch + 1}/{self.cfg.optim.epochs} step {step}/{total_steps}"
-                      f" loss {loss:.3f} ({rate:.0f} pairs/s)", flush=True)
+                log.info(f"epoch {epoch + 1}/{self.cfg.optim.epochs} step {step}/{total_steps} "
+                         f"loss {loss:.3f} ({rate:.0f} pairs/s)")
 
         return on_step
 
@@ -221,10 +223,10 @@ class WorkerSession:
                 self._save_best(epoch, dev["rsum"])
             metrics["dev/best_rsum"] = self.best_rsum
             log_metrics(self.payload.run, metrics, step=epoch)
-            print(f"[aoq] epoch {epoch + 1}/{self.cfg.optim.epochs}: loss "
-                  f"{stats.terms.get('loss', 0):.3f} ({loss_fn.variant}), dev rsum "
-                  f"{dev['rsum']:.1f} (best {self.best_rsum:.1f}), "
-                  f"{stats.samples_per_second * self.world:.0f} pairs/s", flush=True)
+            log.info(f"epoch {epoch + 1}/{self.cfg.optim.epochs}: loss "
+                     f"{stats.terms.get('loss', 0):.3f} ({loss_fn.variant}), dev rsum "
+                     f"{dev['rsum']:.1f} (best {self.best_rsum:.1f}), "
+                     f"{stats.samples_per_second * self.world:.0f} pairs/s")
         self._report(metrics, epoch)
 
     def _report(self, metrics: dict[str, float], epoch: int) -> None:
@@ -265,12 +267,26 @@ class WorkerSession:
         return metrics
 
 
+def _quiet_ray_train_reports() -> None:
+    """Ray Train logs every report (with all metrics) and every checkpoint at INFO; the
+    epoch line says the same in one line. Its report logger is named by file path."""
+    logging.getLogger("ray.train").setLevel(logging.WARNING)
+    try:
+        from ray.train.v2._internal.execution import context as train_context
+
+        logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
+    except ImportError:  # pragma: no cover - other Ray layouts just stay verbose
+        pass
+
+
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Ray Train entry point; ``config = {"payload": WorkerPayload}``."""
     import ray.train
     import ray.train.torch
 
     payload: WorkerPayload = config["payload"]
+    log.setLevel(logging.INFO)
+    _quiet_ray_train_reports()
     ctx = ray.train.get_context()
     cfg = config_from_dict(payload.config)
     # One intra-op thread per reserved CPU: more would oversubscribe the other ranks.

@@ -124,6 +124,13 @@ class LossConfig:
     alpha: float = opt(0.3, "adaptive-weight temperature (w = beta - diff/alpha)", gt=0.0)
     beta: float = opt(1.5, "adaptive-weight offset")
     max_violation: bool = opt(True, "online terms use the hardest in-batch negative only")
+    max_violation_warmup_epochs: int = opt(
+        1,
+        "epochs that sum the online hinge over all in-batch negatives before max-violation "
+        "starts (VSE-infinity's warm-up; from scratch, max-violation alone stalls for "
+        "epochs); 0 = max-violation from the first step, as VSE++ and the AOQ code",
+        min=0,
+    )
     mask_same_image: bool = opt(
         False,
         "do not count in-batch captions of the anchor's own image as negatives (the "
@@ -155,12 +162,12 @@ class NegativesConfig:
 class OptimConfig:
     """Optimisation schedule."""
 
-    epochs: int = opt(12, "training epochs", min=1)
+    epochs: int = opt(10, "training epochs", min=1)
     batch_size: int = opt(
         128, "pairs per worker per step; in-batch negatives come from this batch", min=2
     )
-    lr: float = opt(2e-4, "Adam learning rate", gt=0.0)
-    lr_decay_epochs: int = opt(8, "multiply the lr by lr_decay_gamma every N epochs", min=1)
+    lr: float = opt(5e-4, "Adam learning rate", gt=0.0)
+    lr_decay_epochs: int = opt(7, "multiply the lr by lr_decay_gamma every N epochs", min=1)
     lr_decay_gamma: float = opt(0.1, "step decay factor", gt=0.0, max=1.0)
     grad_clip: float = opt(2.0, "max gradient norm; 0 disables clipping", min=0.0)
     weight_decay: float = opt(0.0, "Adam weight decay", min=0.0)

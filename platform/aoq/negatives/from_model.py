@@ -7,7 +7,6 @@ import numpy as np
 from aoq.data.prepare import SplitArrays
 from aoq.evaluation.encode import encode_split
 from aoq.models.base import RetrievalModel
-from aoq.negatives.mining import mine_candidates
 
 
 def mine_from_model(
@@ -28,6 +27,8 @@ def mine_from_model(
     if not model.has_global_embedding:
         raise ValueError(f"{type(model).__name__} has no global embedding; mine with a "
                          "vse/vsrn checkpoint instead (negatives.source=checkpoint:<path>)")
+    from aoq.negatives.mining import mine_candidates
+
     images, captions = encode_split(model, split)
     return mine_candidates(
         images, captions, k_captions, k_images, split.captions_per_image,

@@ -9,6 +9,8 @@ as in the paper, never refresh them.
 
 from __future__ import annotations
 
+import dataclasses
+
 from aoq.config import LossConfig, NegativesConfig, parse_negative_source
 
 
@@ -26,6 +28,17 @@ def mine_at_epoch_start(epoch: int, neg: NegativesConfig, loss: LossConfig) -> b
         return False
     since = epoch - neg.warmup_epochs
     return since == 0 or (neg.refresh_every > 0 and since % neg.refresh_every == 0)
+
+
+def loss_config_for_epoch(epoch: int, neg: NegativesConfig, loss: LossConfig,
+                          have_tables: bool) -> LossConfig:
+    """The loss section epoch ``epoch`` trains with: the variant from
+    :func:`variant_for_epoch`, and max-violation only after its warm-up."""
+    return dataclasses.replace(
+        loss,
+        variant=variant_for_epoch(epoch, neg, loss, have_tables),
+        max_violation=loss.max_violation and epoch >= loss.max_violation_warmup_epochs,
+    )
 
 
 def variant_for_epoch(epoch: int, neg: NegativesConfig, loss: LossConfig,
