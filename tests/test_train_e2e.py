@@ -44,7 +44,10 @@ def test_two_worker_triplet_run_is_recorded(tmp_path: Path, scenes_cache: Path, 
     assert len(losses) == 2
     assert run.data.metrics["test/rsum"] == pytest.approx(test["test/rsum"])
     artifacts = {a.path for a in client.list_artifacts(outcome.run_id)}
-    assert {"config.yaml", "best_model.pt", "recall_curves.png", "test_metrics.json"} <= artifacts
+    assert {"config.yaml", "best_model.pt", "recall_curves.png", "test_metrics.json",
+            "hardness"} <= artifacts
+    assert {a.path for a in client.list_artifacts(outcome.run_id, "hardness")} == {
+        "hardness/epoch_001.png", "hardness/epoch_002.png"}
     # The logged config is the one that ran.
     logged = client.download_artifacts(outcome.run_id, "config.yaml", str(tmp_path))
     assert load_config(logged, []) == cfg

@@ -45,6 +45,8 @@ from aoq.training.steps import train_epoch, unwrap
 log = logging.getLogger("aoq.train")
 
 BEST_MODEL_FILE = "best_model.pt"
+#: Anchors per epoch whose negative hardness rank 0 records for the histogram.
+HARDNESS_SAMPLES = 4096
 TEST_METRICS_FILE = "test_metrics.json"
 
 
@@ -207,7 +209,8 @@ class WorkerSession:
         self.sampler.set_epoch(epoch)
         stats = train_epoch(self.model, self.loader, loss_fn, self.optimizer,
                             grad_clip=self.cfg.optim.grad_clip, device=self.device,
-                            on_step=self._progress(epoch, len(self.sampler)))
+                            on_step=self._progress(epoch, len(self.sampler)),
+                            hardness_samples=HARDNESS_SAMPLES if self.rank == 0 else 0)
         lr = self.optimizer.param_groups[0]["lr"]
         self.scheduler.step()
         metrics: dict[str, float] = {"epoch": epoch, "lr": lr, **stats.as_metrics()}
@@ -223,11 +226,27 @@ class WorkerSession:
                 self._save_best(epoch, dev["rsum"])
             metrics["dev/best_rsum"] = self.best_rsum
             log_metrics(self.payload.run, metrics, step=epoch)
+            self._hardness_plot(epoch, stats.hardness)
             log.info(f"epoch {epoch + 1}/{self.cfg.optim.epochs}: loss "
                      f"{stats.terms.get('loss', 0):.3f} ({loss_fn.variant}), dev rsum "
                      f"{dev['rsum']:.1f} (best {self.best_rsum:.1f}), "
                      f"{stats.samples_per_second * self.world:.0f} pairs/s")
         self._report(metrics, epoch)
+
+    def _hardness_plot(self, epoch: int, hardness: dict[str, np.ndarray]) -> None:
+        """Histogram of how close negatives come to positives, as an MLflow artifact."""
+        from aoq.cluster.tracking import log_artifact
+        from aoq.evaluation import plot_histograms
+
+        if not hardness:
+            return
+        path = self.output_dir / "hardness" / f"epoch_{epoch + 1:03d}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        labels = {"online": "hardest in-batch caption", "offline": "offline caption negative"}
+        plot_histograms({labels.get(k, k): v for k, v in hardness.items()}, path,
+                        xlabel="S(I, T_neg) - S(I, T)   (> 0: negative outscores positive)",
+                        title=f"negative hardness, epoch {epoch + 1}")
+        log_artifact(self.payload.run, path, "hardness")
 
     def _report(self, metrics: dict[str, float], epoch: int) -> None:
         from ray.train import Checkpoint

@@ -13,6 +13,7 @@ from collections import defaultdict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from aoq.data.batches import Batch
@@ -61,6 +62,9 @@ class EpochStats:
     seconds: float = 0.0
     data_seconds: float = 0.0
     terms: dict[str, float] = field(default_factory=dict)
+    #: Per-anchor hardness S(I, T_neg) - S(I, T) of the online (hardest in-batch) and
+    #: offline caption negatives, when collected: how close negatives come to positives.
+    hardness: dict[str, np.ndarray] = field(default_factory=dict)
 
     @property
     def samples_per_second(self) -> float:
@@ -75,7 +79,23 @@ class EpochStats:
         out[f"{prefix}samples_per_s"] = self.samples_per_second
         out[f"{prefix}data_wait_fraction"] = self.data_wait_fraction
         out[f"{prefix}epoch_seconds"] = self.seconds
+        for name, values in self.hardness.items():
+            if len(values):
+                out[f"{prefix}hardness_{name}_mean"] = float(values.mean())
         return out
+
+
+def caption_hardness(scores: torch.Tensor, offline: OfflineScores | None
+                     ) -> dict[str, torch.Tensor]:
+    """(B,) margins S(I, T_neg) - S(I, T) of each anchor's hardest in-batch caption and,
+    with offline scores, of its offline caption negative (> 0: the negative wins)."""
+    positive = scores.diagonal()
+    off_diagonal = scores.masked_fill(
+        torch.eye(scores.shape[0], dtype=torch.bool, device=scores.device), float("-inf"))
+    out = {"online": off_diagonal.max(dim=1).values - positive}
+    if offline is not None:
+        out["offline"] = offline.image_caption_off - positive
+    return {k: v.detach() for k, v in out.items() if torch.isfinite(v).all()}
 
 
 def train_epoch(
@@ -87,16 +107,20 @@ def train_epoch(
     grad_clip: float,
     device: torch.device,
     on_step: Callable[[int, float], None] | None = None,
+    hardness_samples: int = 0,
 ) -> EpochStats:
     """Run one pass over ``batches`` and return averaged statistics.
 
     Offline blocks in a batch are ignored by a loss that does not need them (``triplet``
     during warm-up reads only the anchors), and a loss that needs them fails loudly on a
-    batch without them.
+    batch without them. With ``hardness_samples > 0``, up to that many per-anchor
+    hardness values are kept (see :func:`caption_hardness`).
     """
     model.train()
     sums: dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros((), device=device))
     stats = EpochStats()
+    hardness: dict[str, list[torch.Tensor]] = defaultdict(list)
+    kept = 0
     start = time.perf_counter()
     fetch_start = start
     for batch in batches:
@@ -108,6 +132,10 @@ def train_epoch(
         if aux is not None:
             loss = loss + aux
             sums["auxiliary"] += aux.detach()
+        if kept < hardness_samples:
+            for name, values in caption_hardness(scores, offline).items():
+                hardness[name].append(values.cpu())
+            kept += batch.size
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if grad_clip > 0:
@@ -123,6 +151,7 @@ def train_epoch(
         fetch_start = time.perf_counter()
     stats.seconds = time.perf_counter() - start
     stats.terms = {k: float(v) / max(stats.steps, 1) for k, v in sums.items()}
+    stats.hardness = {k: torch.cat(v).numpy() for k, v in hardness.items()}
     if not math.isfinite(stats.terms.get("loss", 0.0)):
         raise FloatingPointError(f"training loss became {stats.terms['loss']}; lower optim.lr "
                                  "or check the data")
