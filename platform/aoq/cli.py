@@ -38,10 +38,11 @@ def run_cli(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | N
             ) -> None:
     """Run ``main`` and turn input errors into a one-paragraph message and exit code 2."""
     from aoq.data.errors import DataError
+    from aoq.training.checkpoint import CheckpointError
 
     try:
         code = main(argv)
-    except (ConfigError, DataError) as exc:
+    except (ConfigError, DataError, CheckpointError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
     sys.exit(code)
