@@ -88,7 +88,8 @@ class WorkerSession:
         self.train = open_split(self.prepared, self.cfg.data.train_split)
         self.dev = open_split(self.prepared, self.cfg.data.dev_split)
         self.tables: CandidateTables | None = None
-        self.tables_epoch: int | None = None  # epoch whose model mined the tables
+        # Epochs the snapshot model had trained when it mined the tables in use.
+        self.tables_epoch: int | None = None
         self.next_version = 1
         self.start_epoch = 0
         self.best_rsum = -math.inf

@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import time
 import warnings
 from collections.abc import Iterator
 from typing import Any
@@ -309,8 +310,11 @@ def _rank_bits(values: torch.Tensor) -> torch.Tensor:
     """
     bits = (values + 0.0).view(torch.int32)  # + 0.0 turns -0.0 into +0.0
     # Flip the magnitude bits of negative floats: the int32 order becomes the float order.
-    ascending = bits ^ ((bits >> 31) & 0x7FFFFFFF)
-    return 0x7FFFFFFF - ascending.to(torch.int64)
+    ascending = bits >> 31
+    ascending &= 0x7FFFFFFF
+    ascending ^= bits
+    rank = ascending.to(torch.int64)
+    return rank.neg_().add_(0x7FFFFFFF)
 
 
 def _value_of(rank: torch.Tensor) -> torch.Tensor:
@@ -609,6 +613,8 @@ def _engine(
     col_mask = torch.zeros(nt * ldr if k_col else 0, dtype=torch.bool, device=dev)
     mask_shape = None
     short_rows: list[torch.Tensor] = []
+    # Wall-clock split, reported in ``stats`` (CPU times; on CUDA, launch times only).
+    timing = {"products": 0.0, "select": 0.0, "sort": 0.0}
     blocks = range(0, n_q, br)
     bar = None
     if progress:
@@ -636,7 +642,10 @@ def _engine(
                     col_mask.zero_()
                     mask_shape = (rows_here, width)
                 s = score_buf[: rows_here * ld].view(rows_here, ld)[:, :width]
+                t0 = time.perf_counter()
                 torch.mm(q_blk, kp[c0:c1].T, out=s)
+                t1 = time.perf_counter()
+                timing["products"] += t1 - t0
                 if pos_blk is not None:
                     hit_r, hit_t = ((pos_blk >= c0) & (pos_blk < c1)).nonzero(as_tuple=True)
                     s[hit_r, pos_blk[hit_r, hit_t] - c0] = -torch.inf
@@ -681,6 +690,8 @@ def _engine(
                             g0 = c0 + group.offset
                             _compact(group, col_threshold[g0:g0 + group.width], k_col, qb)
                             stats["compactions"] += 1
+                timing["select"] += time.perf_counter() - t1
+            t0 = time.perf_counter()
             if k_row:
                 for j, (g0, g1) in enumerate(subs):
                     parts = row_parts[j]
@@ -692,12 +703,14 @@ def _engine(
                     _store(row_v, row_i, v, i, q_ids[g0:g1], r0 + g0, queries_permuted)
                     if not bool(ok.all()):
                         short_rows.append(q_ids[g0:g1][~ok])
+            timing["sort"] += time.perf_counter() - t0
             if bar is not None:
                 bar.update(1)
     finally:
         if bar is not None:
             bar.close()
     del score_buf, row_mask, col_mask
+    t0 = time.perf_counter()
 
     if k_col:
         short_cols = []
@@ -718,6 +731,8 @@ def _engine(
         ids = torch.cat(short_rows)
         stats["row_recomputed"] = ids.numel()
         _recompute(q, kk, ids, k_row, groups, row_v, row_i, score_dtype)
+    timing["finish"] = time.perf_counter() - t0
+    stats.update({f"seconds_{key}": round(val, 3) for key, val in timing.items()})
     return (row_v, row_i), (col_v, col_i)
 
 
