@@ -150,3 +150,15 @@ def test_epoch_sampler_shards_disjointly_and_reshuffles() -> None:
     s = EpochBatchSampler(103, 10, rank=0, world=2, seed=4)
     s.set_epoch(2)
     assert not np.array_equal(np.concatenate([b.caption_ids for b in s]), shards[0])
+
+
+def test_encode_split_respects_max_images() -> None:
+    from aoq.config import ModelConfig
+    from aoq.evaluation.encode import encode_split, score_split
+    from aoq.models import build_model
+
+    split = tiny_split(12)
+    model = build_model(ModelConfig(embed_dim=8, word_dim=8), 60, 3)
+    images, captions = encode_split(model, split, max_images=5, batch_size=4)
+    assert images.shape == (5, 8) and captions.shape == (25, 8)
+    assert score_split(model, split, max_images=7, batch_size=3).shape == (7, 35)

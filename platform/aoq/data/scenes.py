@@ -44,7 +44,7 @@ from aoq.atomic import atomic_write_text
 from aoq.data.precomp import write_precomp
 
 #: Bump when the generator's output changes, so old caches are not reused.
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 
 OBJECTS = {
     "dog": ("dog", "puppy"), "cat": ("cat", "kitten"), "horse": ("horse", "pony"),
@@ -52,9 +52,11 @@ OBJECTS = {
     "bicycle": ("bicycle", "bike"), "boat": ("boat", "boat"), "chair": ("chair", "seat"),
     "table": ("table", "table"), "lamp": ("lamp", "lamp"), "clock": ("clock", "clock"),
     "ball": ("ball", "ball"), "cup": ("cup", "mug"), "umbrella": ("umbrella", "umbrella"),
-    "tree": ("tree", "tree"),
+    "tree": ("tree", "tree"), "sheep": ("sheep", "lamb"), "truck": ("truck", "lorry"),
+    "kite": ("kite", "kite"), "bench": ("bench", "bench"),
 }
-COLOURS = ("red", "blue", "green", "yellow", "black", "white", "brown", "orange")
+COLOURS = ("red", "blue", "green", "yellow", "black", "white", "brown", "orange", "purple",
+           "pink")
 SIZES = ("small", "large")
 BACKGROUNDS = {
     "grass": "on the grass", "street": "on a street", "beach": "on a beach",
@@ -68,6 +70,10 @@ RELATIONS = {
     "below": (("below", "under"), ("above", "over")),
 }
 OBJECT_NAMES = tuple(OBJECTS)
+# Two objects, so that every caption can state everything a near-miss variant changes
+# (both objects with their colours, their relation, the background): a caption that
+# leaves out what a variant changed would be true of both, an unlearnable "negative".
+OBJECTS_PER_SCENE = 2
 BACKGROUND_NAMES = tuple(BACKGROUNDS)
 
 
@@ -126,7 +132,7 @@ class _SceneSampler:
 
     def scene(self) -> Scene:
         rng = self.rng
-        n = int(rng.integers(2, 4))
+        n = OBJECTS_PER_SCENE
         objects: list[SceneObject] = []
         if self.required is not None:
             pairs = np.argwhere(self.required)
@@ -200,28 +206,34 @@ def _article(phrase: str) -> str:
 
 
 def captions_for(scene: Scene, rng: np.random.Generator) -> list[str]:
-    """Five true, varied captions of ``scene``."""
-    objs = scene.objects
+    """Five true, varied captions of ``scene``.
+
+    Every caption names both objects with their colours, the spatial relation and the
+    background: everything a family variant may change. Templates, word order, synonyms
+    and optional size adjectives vary.
+    """
+    a, b = scene.objects
+    if rng.integers(2):  # which object the caption starts from
+        a, b = b, a
     bg = BACKGROUNDS[BACKGROUND_NAMES[scene.background]]
+    relation = _relation(a, b)
     out = []
     for k in range(5):
-        i, j = (int(v) for v in rng.choice(len(objs), size=2, replace=False))
-        a, b = objs[i], objs[j]
-        rel = RELATIONS[_relation(a, b)][0][int(rng.integers(2))]
-        na, nb = _noun(a, rng, size=bool(rng.integers(2))), _noun(b, rng, size=bool(rng.integers(2)))
+        rel = RELATIONS[relation][0][int(rng.integers(2))]
+        back = RELATIONS[relation][1][int(rng.integers(2))]
+        na = _noun(a, rng, size=bool(rng.integers(2)))
+        nb = _noun(b, rng, size=bool(rng.integers(2)))
         if k == 0:
-            listed = [_article(_noun(o, rng, size=True)) for o in objs]
-            text = ", ".join(listed[:-1]) + " and " + listed[-1] + " " + bg
+            text = f"{_article(na)} {rel} {_article(nb)} {bg}"
         elif k == 1:
-            text = f"{_article(na)} {rel} {_article(nb)}"
-        elif k == 2:
             text = f"there is {_article(na)} {rel} {_article(nb)} {bg}"
+        elif k == 2:
+            text = f"{_article(nb)} {back} {_article(na)} {bg}"
         elif k == 3:
-            back = RELATIONS[_relation(a, b)][1][int(rng.integers(2))]
-            text = f"{_article(nb)} {back} {_article(na)}"
+            text = (f"a photo of {_article(na)} and {_article(nb)} {bg}, the "
+                    f"{na.split()[-1]} is {rel} the {nb.split()[-1]}")
         else:
-            text = f"a photo of {_article(na)} and {_article(nb)} {bg}, the {na.split()[-1]} " \
-                   f"is {rel} the {nb.split()[-1]}"
+            text = f"{bg}, {_article(nb)} is {back} {_article(na)}"
         out.append(text)
     return out
 

@@ -40,7 +40,8 @@ def encode_split(
     try:
         images = []
         for start in range(0, n_images, batch_size):
-            feats = np.array(split.images[start:start + batch_size], dtype=np.float32)
+            stop = min(start + batch_size, n_images)
+            feats = np.array(split.images[start:stop], dtype=np.float32)
             images.append(model.encode_images(torch.from_numpy(feats).to(device)))
         captions = []
         for start in range(0, n_captions, batch_size):
