@@ -17,7 +17,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_defaults_validate_and_paths_are_absolute(tmp_path: Path) -> None:
     cfg = load_config(None, [], base_dir=tmp_path)
-    assert cfg.loss.variant == "triplet" and cfg.run.num_workers == 2
+    assert cfg.loss.variant == "aoq" and cfg.negatives.source == "mine"
+    assert cfg.run.num_workers == 2
     assert Path(cfg.run.storage).is_absolute()
     assert cfg.run.storage == str(tmp_path / "outputs")
     assert Path(cfg.data.cache_dir).is_absolute()

@@ -18,6 +18,7 @@ pytestmark = [pytest.mark.ray, pytest.mark.e2e]
 
 def test_two_worker_triplet_run_is_recorded(tmp_path: Path, scenes_cache: Path, local_ray) -> None:
     cfg = load_config(None, small_overrides(tmp_path, scenes_cache, "optim.epochs=2",
+                                            "loss.variant=triplet",
                                             "run.name=e2e-triplet", "tracking.experiment=e2e"))
     outcome = run_training(cfg)
 

@@ -114,7 +114,7 @@ class LossConfig:
     """The AOQ loss family (design.md §1)."""
 
     variant: str = opt(
-        "triplet",
+        "aoq",
         "triplet (VSE++), offtri (+offline triplets), offquin (+quintuplets), aoq (+adaptive "
         "weights)",
         choices=("triplet", "offtri", "offquin", "aoq"),

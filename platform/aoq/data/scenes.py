@@ -44,7 +44,7 @@ from aoq.atomic import atomic_write_text
 from aoq.data.precomp import write_precomp
 
 #: Bump when the generator's output changes, so old caches are not reused.
-GENERATOR_VERSION = 2
+GENERATOR_VERSION = 3
 
 OBJECTS = {
     "dog": ("dog", "puppy"), "cat": ("cat", "kitten"), "horse": ("horse", "pony"),
@@ -118,15 +118,17 @@ class _SceneSampler:
         return SceneObject(obj, colour, int(rng.integers(len(SIZES))), 0.0, 0.0)
 
     def _place(self, objects: list[SceneObject]) -> tuple[SceneObject, ...]:
-        # Distinct positions far enough apart that the relation between any two objects
-        # is unambiguous (|dx| or |dy| >= 0.3).
+        # The two objects stand side by side or one above the other, each in its half of
+        # the frame with some jitter: the relation is then a property of where each
+        # object is (as a detector's box coordinates would show), not a comparison of
+        # two arbitrary coordinates that no region sees both of.
         rng = self.rng
+        horizontal = bool(rng.integers(2))
         placed: list[SceneObject] = []
-        for o in objects:
-            while True:
-                x, y = (float(v) for v in rng.uniform(0.05, 0.95, size=2))
-                if all(max(abs(x - p.x), abs(y - p.y)) >= 0.3 for p in placed):
-                    break
+        for slot, o in enumerate(objects):
+            along = (0.25 if slot == 0 else 0.75) + float(rng.uniform(-0.1, 0.1))
+            across = float(rng.uniform(0.4, 0.6))  # |d across| < |d along|: one relation
+            x, y = (along, across) if horizontal else (across, along)
             placed.append(dataclasses.replace(o, x=round(x, 3), y=round(y, 3)))
         return tuple(placed)
 
