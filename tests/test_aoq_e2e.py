@@ -22,11 +22,13 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def mined_run(tmp_path_factory: pytest.TempPathFactory, scenes_cache: Path, local_ray):
-    """aoq with negatives.source=mine: 1 warm-up epoch, then mining every epoch."""
+    """aoq with negatives.source=mine: 1 warm-up epoch, then synchronous mining on rank 0
+    every epoch (the actor pool has its own tests in test_async_refresh_e2e.py)."""
     tmp = tmp_path_factory.mktemp("aoq-mine")
     cfg = load_config(None, small_overrides(
         tmp, scenes_cache, "loss.variant=aoq", "negatives.source=mine", "optim.epochs=3",
-        "negatives.warmup_epochs=1", "negatives.refresh_every=1", "run.name=mine"))
+        "negatives.warmup_epochs=1", "negatives.refresh_every=1", "negatives.pool_actors=0",
+        "run.name=mine"))
     return tmp, cfg, run_training(cfg)
 
 

@@ -9,6 +9,7 @@ run go into one plot, logged with the table in a summary run of the same group.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import platform
 import time
@@ -20,8 +21,10 @@ import pandas as pd
 
 from aoq.cluster.job import TrainingOutcome, run_training
 from aoq.cluster.tracking import (
-    RunHandle, end_run, ensure_experiment, log_artifact, log_metrics, resolve_tracking_uri,
+    RunHandle, end_run, ensure_experiment, find_run, log_artifact, log_metrics,
+    resolve_tracking_uri,
 )
+from aoq.cluster.train_loop import TEST_METRICS_FILE
 from aoq.config import Config, load_config
 
 METRIC_KEYS = ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "rsum")
@@ -40,6 +43,25 @@ def machine_description() -> str:
 
     return (f"{platform.machine()} {platform.processor() or ''} {os.cpu_count()} cores, "
             f"Python {platform.python_version()}, torch {torch.__version__}").replace("  ", " ")
+
+
+def finished_outcome(cfg: Config) -> TrainingOutcome | None:
+    """The outcome of this exact run if an earlier invocation already finished it.
+
+    A run counts as finished when its test metrics were written and its MLflow run is
+    FINISHED; anything less is resumed, so a study killed midway loses at most the
+    epoch in flight.
+    """
+    output_dir = Path(cfg.run.storage) / cfg.run.name
+    metrics_file = output_dir / TEST_METRICS_FILE
+    if not metrics_file.exists():
+        return None
+    uri = resolve_tracking_uri(cfg.tracking)
+    run = find_run(uri, ensure_experiment(uri, cfg.tracking.experiment), cfg.run.name)
+    if run is None or run.info.status != "FINISHED":
+        return None
+    return TrainingOutcome(cfg.run.name, run.info.run_id, str(output_dir),
+                           json.loads(metrics_file.read_text()), 0.0)
 
 
 def dev_history(cfg: Config, run_id: str) -> list[float]:
@@ -125,8 +147,19 @@ def run_ablation(
                 *overrides, f"loss.variant={variant}", f"run.seed={seed}",
                 f"run.name={group}-{variant}-s{seed}", f"tracking.tags.group={group}",
             ])
-            print(f"[ablation] {variant} seed {seed}", flush=True)
-            outcome = run_training(cfg)
+            outcome = finished_outcome(cfg)
+            if outcome is not None:
+                print(f"[ablation] {variant} seed {seed}: already finished "
+                      f"(MLflow run {outcome.run_id}), reusing it", flush=True)
+            else:
+                resuming = (Path(cfg.run.storage) / cfg.run.name).exists()
+                if resuming:
+                    # An interrupted study continues where each run stopped instead of
+                    # refusing the existing directory or retraining from scratch.
+                    cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, resume=True))
+                print(f"[ablation] {variant} seed {seed}{' (resuming)' if resuming else ''}",
+                      flush=True)
+                outcome = run_training(cfg)
             runs.append(AblationRun(variant, seed, outcome, dev_history(cfg, outcome.run_id)))
     assert cfg is not None
     table = summary_table(runs, variants)
@@ -142,6 +175,7 @@ def run_ablation(
 def render_report(table: pd.DataFrame, runs: Sequence[AblationRun], cfg: Config, command: str,
                   wall: float, figure: str, group: str) -> str:
     ordered = list(table.index)
+    trained = sum(1 for r in runs if r.outcome.seconds > 0)
     rsum = table["rsum"]
     order_holds = all(rsum[a] < rsum[b] for a, b in zip(ordered, ordered[1:]))
     lines = [
@@ -159,7 +193,12 @@ def render_report(table: pd.DataFrame, runs: Sequence[AblationRun], cfg: Config,
         f"**{'holds' if order_holds else 'does not hold'}** here.",
         f"- Command: `{command}`",
         f"- Machine: {machine_description()}",
-        f"- Wall time: {wall / 60:.1f} min for {len(runs)} runs",
+        f"- Wall time: {wall / 60:.1f} min for the {trained} runs trained by the last "
+        f"invocation" + (f" ({len(runs) - trained} finished runs reused from an earlier one)"
+                         if trained < len(runs) else ""),
+        "- Per-run training time (min): " + ", ".join(
+            f"{r.variant}/s{r.seed} {r.outcome.seconds / 60:.1f}" for r in runs
+            if r.outcome.seconds > 0),
         f"- Date: {time.strftime('%Y-%m-%d')}",
         "",
     ]

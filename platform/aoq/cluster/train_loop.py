@@ -10,6 +10,7 @@ Ray merges into one checkpoint directory.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -32,7 +33,9 @@ from aoq.evaluation.encode import score_split
 from aoq.losses import AOQLoss
 from aoq.models import build_model
 from aoq.negatives.from_model import mine_from_model
-from aoq.negatives.schedule import loss_config_for_epoch, mine_at_epoch_start
+from aoq.negatives.schedule import (
+    loss_config_for_epoch, mine_at_epoch_start, mines_during_training,
+)
 from aoq.negatives.tables import CandidateTables, load_tables, save_tables, version_dir
 from aoq.training.checkpoint import (
     STATE_FILE, capture_rng, load_file, model_record, restore_rng, rng_file, save_file,
@@ -70,6 +73,9 @@ class WorkerPayload:
     initial_tables: str | None = None
 
 
+POOL_NAME_PREFIX = "aoq-miner-"  # + run name; actors show up under it in the dashboard
+
+
 def tables_root(output_dir: str | os.PathLike) -> Path:
     return Path(output_dir) / "negatives"
 
@@ -91,6 +97,8 @@ class WorkerSession:
         # Epochs the snapshot model had trained when it mined the tables in use.
         self.tables_epoch: int | None = None
         self.next_version = 1
+        self.refresher = None  # rank 0's AsyncRefresher when re-mining in the background
+        self.refresh_failures = 0
         self.start_epoch = 0
         self.best_rsum = -math.inf
 
@@ -152,15 +160,111 @@ class WorkerSession:
             i2t, t2i = mine_from_model(unwrap(self.model), self.train, k_captions=neg.k_captions,
                                        k_images=neg.k_images, block_rows=neg.block_rows)
             save_tables(tables_root(self.output_dir), version, i2t, t2i,
-                        epoch=epoch, source=f"model after epoch {epoch - 1}",
+                        epoch=epoch, source=f"model after {epoch} epochs (rank 0)",
                         seconds=round(time.perf_counter() - start, 3))
-            log.info(f"mined table version {version} from the epoch-{epoch - 1} model in "
+            log.info(f"mined table version {version} from the model after {epoch} epochs in "
                      f"{time.perf_counter() - start:.1f}s")
         self._barrier()
         self.next_version = version + 1
         self._use_tables(str(path), epoch)
 
+    def _start_pool(self) -> None:
+        """Rank 0 of a run that re-mines in the background owns the actor pool."""
+        from aoq.cluster.mining_pool import MiningPool, PoolSpec
+        from aoq.cluster.refresh import AsyncRefresher
+
+        neg = self.cfg.negatives
+        spec = PoolSpec(actors=neg.pool_actors, cpus=neg.pool_cpus, gpus=neg.pool_gpus,
+                        threads=neg.pool_threads, shards=neg.pool_shards)
+        pool = MiningPool(spec, self.prepared, self.cfg.data.train_split,
+                          dataclasses.asdict(self.cfg.model),
+                          # The pid keeps names unique when a restarted rank 0 builds a new
+                          # pool before Ray has reaped the old one's actors.
+                          name=f"{POOL_NAME_PREFIX}{self.output_dir.name}-{os.getpid()}")
+        self.refresher = AsyncRefresher(pool, tables_root(self.output_dir), neg.k_captions,
+                                        neg.k_images)
+
+    def _pool_decision(self, epoch: int, due: bool) -> dict[str, Any]:
+        """Rank 0: collect a finished refresh, start a due one, and wait only when there
+        are no tables at all yet (the offline variant cannot train without them)."""
+        if self.refresher is None:
+            self._start_pool()
+        assert self.refresher is not None
+        results = []
+        finished = self.refresher.poll()
+        if finished is not None:
+            results.append(finished)
+        # A snapshot taken before the last epoch could only be used after training ends.
+        useful = self.tables is None or epoch + 1 < self.cfg.optim.epochs
+        if due and useful and not self.refresher.busy:
+            self.next_version = self.refresher.submit(unwrap(self.model).state_dict(),
+                                                      self.next_version, epoch) + 1
+        if self.tables is None and self.refresher.busy and not any(r.path for r in results):
+            waited = self.refresher.poll(wait=True)
+            if waited is not None:
+                results.append(waited)
+        good = [r for r in results if r.path]
+        latest = good[-1] if good else None
+        return {
+            "path": latest.path if latest else "",
+            "snapshot_epochs": latest.snapshot_epochs if latest else None,
+            "next_version": self.next_version,
+            "errors": [r.error for r in results if r.error],
+            "seconds": latest.seconds if latest else None,
+        }
+
+    def _broadcast(self, obj: Any) -> Any:
+        if self.world > 1 and torch.distributed.is_initialized():
+            box = [obj]
+            torch.distributed.broadcast_object_list(box, src=0)
+            return box[0]
+        return obj
+
+    def prepare_tables(self, epoch: int) -> dict[str, float]:
+        """Bring every rank to the same table version before epoch ``epoch``.
+
+        Returns metrics about the refresh (rank 0's view).
+        """
+        neg, loss = self.cfg.negatives, self.cfg.loss
+        due = mine_at_epoch_start(epoch, neg, loss)
+        if neg.pool_actors == 0 or not mines_during_training(neg, loss):
+            if due:
+                self.mine(epoch)
+            return {}
+        decision = self._broadcast(self._pool_decision(epoch, due) if self.rank == 0 else None)
+        self.next_version = decision["next_version"]
+        metrics: dict[str, float] = {}
+        if decision["path"]:
+            self._use_tables(decision["path"], decision["snapshot_epochs"])
+            metrics["negatives/refresh_seconds"] = decision["seconds"]
+        if decision["errors"]:
+            self.refresh_failures += len(decision["errors"])
+            if self.rank == 0:
+                from aoq.cluster.tracking import set_tags
+
+                message = "; ".join(decision["errors"])
+                log.warning(f"negative refresh failed, training on table version "
+                            f"{self.tables.version if self.tables else 0}: {message}")
+                set_tags(self.payload.run, {"aoq.warning.refresh": message[:4000]})
+        metrics["negatives/refresh_failures"] = self.refresh_failures
+        return metrics
+
+    def close(self) -> None:
+        if self.refresher is not None:
+            self.refresher.close()
+            self.refresher = None
+
     # ------------------------------------------------------------------ epochs
+
+    def _record_version(self, epoch: int) -> None:
+        """Append (epoch, table version, pid) to this rank's audit log, so that anyone
+        can check which tables every rank trained every epoch with (the pid tells the
+        attempts of a restarted worker group apart)."""
+        path = tables_root(self.output_dir) / f"used_rank{self.rank}.jsonl"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a") as fh:
+            fh.write(json.dumps({"epoch": epoch, "version": self.tables.version if self.tables
+                                 else 0, "pid": os.getpid()}) + "\n")
 
     def _loss_for(self, epoch: int) -> AOQLoss:
         return AOQLoss.from_config(loss_config_for_epoch(
@@ -201,11 +305,15 @@ class WorkerSession:
             "next_table_version": self.next_version,
             "tables_path": self.tables.path if self.tables is not None else "",
             "tables_epoch": self.tables_epoch,
+            # Redundant with tables_path, but what a person inspecting a checkpoint asks.
+            "table_version": self.tables.version if self.tables is not None else 0,
+            "table_staleness_epochs": (epoch - self.tables_epoch
+                                       if self.tables_epoch is not None else None),
         }
 
     def run_epoch(self, epoch: int) -> None:
-        if mine_at_epoch_start(epoch, self.cfg.negatives, self.cfg.loss):
-            self.mine(epoch)
+        refresh_metrics = self.prepare_tables(epoch)
+        self._record_version(epoch)
         loss_fn = self._loss_for(epoch)
         self.sampler.set_epoch(epoch)
         stats = train_epoch(self.model, self.loader, loss_fn, self.optimizer,
@@ -214,7 +322,8 @@ class WorkerSession:
                             hardness_samples=HARDNESS_SAMPLES if self.rank == 0 else 0)
         lr = self.optimizer.param_groups[0]["lr"]
         self.scheduler.step()
-        metrics: dict[str, float] = {"epoch": epoch, "lr": lr, **stats.as_metrics()}
+        metrics: dict[str, float] = {"epoch": epoch, "lr": lr, **stats.as_metrics(),
+                                     **refresh_metrics}
         metrics["negatives/table_version"] = self.tables.version if self.tables else 0
         if self.tables is not None and self.tables_epoch is not None:
             metrics["negatives/staleness_epochs"] = epoch - self.tables_epoch
@@ -319,6 +428,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     if checkpoint is not None:
         with checkpoint.as_directory() as directory:
             session.restore(directory)
-    for epoch in range(session.start_epoch, cfg.optim.epochs):
-        session.run_epoch(epoch)
+    try:
+        for epoch in range(session.start_epoch, cfg.optim.epochs):
+            session.run_epoch(epoch)
+    finally:
+        session.close()
     session.finish()

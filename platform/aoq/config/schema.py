@@ -155,7 +155,16 @@ class NegativesConfig:
     )
     warmup_epochs: int = opt(1, "epochs of plain triplet before the first mining", min=0)
     refresh_every: int = opt(1, "re-mine every N epochs; 0 = never refresh", min=0)
-    block_rows: int = opt(2048, "rows per block in the exact top-K search", min=1)
+    block_rows: int = opt(1024, "rows per block in the exact top-K search", min=1)
+    pool_actors: int = opt(
+        2, "Ray actors that re-mine tables in parallel shards, in the background while "
+        "training goes on; 0 = mine synchronously on rank 0", min=0)
+    pool_cpus: float = opt(
+        0.0, "logical CPUs reserved per mining actor; 0 shares the training workers' "
+        "cores (right on one small machine)", min=0.0)
+    pool_gpus: float = opt(0.0, "GPUs per mining actor (fractions allowed)", min=0.0)
+    pool_threads: int = opt(1, "torch threads inside each mining actor", min=1)
+    pool_shards: int = opt(0, "image shards per refresh; 0 = 2 per actor", min=0)
 
 
 @dataclass

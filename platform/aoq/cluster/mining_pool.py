@@ -1,0 +1,190 @@
+"""A pool of Ray actors that recomputes the offline candidate tables in parallel shards.
+
+Phase 1: every actor embeds shards of the training split with a weights snapshot that
+is put in the object store once. Phase 2: every actor computes the exact top-K rows of
+shards against all embeddings (also shared through the object store, read zero-copy).
+The coordinator assembles the rows and publishes a new table version atomically.
+
+Faults: actors are created with ``max_restarts`` and their calls with
+``max_task_retries``, so a killed actor is restarted by Ray and its in-flight shard is
+retried on it: the pool never shrinks (unlike ``ray.util.ActorPool``, which drops a dead
+actor). A shard that still fails after the retries fails the whole refresh; the caller
+keeps training on the tables it has.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from aoq.data.prepare import PreparedData, open_split
+from aoq.negatives.shards import Shard, mine_shard, plan_shards
+
+log = logging.getLogger("aoq.mining")
+
+PROGRESS_SECONDS = 5.0  # at most one progress line per phase this often (plus the last)
+EMBED_CHUNK = 256  # images per forward pass in phase 1 (x cpi captions)
+
+
+@dataclass(frozen=True)
+class PoolSpec:
+    """Size and resources of the pool.
+
+    Attributes:
+        actors: number of actors M.
+        cpus: logical CPUs reserved per actor (fractional allowed; 0 shares the cores of
+            the training workers, which is right on a single small machine).
+        gpus: GPUs per actor (fractional allowed).
+        threads: torch threads inside each actor.
+        shards: image shards per refresh (0 = 2 per actor, so a slow actor is caught up).
+        max_restarts: restarts of a dead actor; max_task_retries: retries of its call.
+    """
+
+    actors: int = 2
+    cpus: float = 0.0
+    gpus: float = 0.0
+    threads: int = 1
+    shards: int = 0
+    max_restarts: int = 3
+    max_task_retries: int = 3
+
+
+class MiningWorker:
+    """The actor body: holds the training split (memory-mapped) and a model skeleton."""
+
+    def __init__(self, prepared: PreparedData, split: str, model_cfg: dict[str, Any],
+                 threads: int) -> None:
+        import torch
+
+        from aoq.config import ModelConfig, section_from_dict
+        from aoq.models import build_model
+
+        torch.set_num_threads(max(1, threads))
+        self.split = open_split(prepared, split)
+        cfg = section_from_dict(ModelConfig, model_cfg, prefix="model.")
+        self.model = build_model(cfg, prepared.vocab_size, prepared.feature_dim)
+        self.model.eval()
+        self.version = -1
+        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.model.to(self.device)
+
+    def pid(self) -> int:
+        import os
+
+        return os.getpid()
+
+    def _load(self, version: int, weights: dict[str, Any]) -> None:
+        if version != self.version:  # a restarted actor reloads from the object store
+            self.model.load_state_dict(weights)
+            self.version = version
+
+    def embed(self, version: int, weights: dict[str, Any], shard: Shard
+              ) -> tuple[np.ndarray, np.ndarray]:
+        """(images, cpi*images) float32 embeddings of one shard.
+
+        Read in chunks of :data:`EMBED_CHUNK` images: a COCO shard's region features are
+        gigabytes, and only one chunk of them should ever be resident.
+        """
+        import torch
+
+        self._load(version, weights)
+        cpi = self.split.captions_per_image
+        images, captions = [], []
+        with torch.no_grad():
+            for start in range(shard.start, shard.stop, EMBED_CHUNK):
+                stop = min(start + EMBED_CHUNK, shard.stop)
+                feats = torch.from_numpy(np.array(self.split.images[start:stop],
+                                                  dtype=np.float32))
+                images.append(self.model.encode_images(feats.to(self.device)).float().cpu())
+                tokens, lengths = self.split.tokens.batch(np.arange(start * cpi, stop * cpi))
+                captions.append(self.model.encode_captions(
+                    tokens.to(self.device), lengths.to(self.device)).float().cpu())
+        return torch.cat(images).numpy(), torch.cat(captions).numpy()
+
+    def topk(self, shard: Shard, image_emb: np.ndarray, caption_emb: np.ndarray,
+             k_captions: int, k_images: int) -> tuple[np.ndarray, np.ndarray]:
+        return mine_shard(shard, image_emb, caption_emb, k_captions, k_images,
+                          self.split.captions_per_image, device=self.device)
+
+
+class MiningPool:
+    """M restartable actors plus a coordinator that runs one refresh at a time."""
+
+    def __init__(self, spec: PoolSpec, prepared: PreparedData, split: str,
+                 model_cfg: dict[str, Any], name: str = "") -> None:
+        """Start ``spec.actors`` actors; with ``name``, actor i is named ``f"{name}-{i}"``
+        (visible in the Ray dashboard, and reachable with ``ray.get_actor``)."""
+        import ray
+
+        self.spec = spec
+        self.n_images = prepared.splits[split].n_images
+        options: dict[str, Any] = dict(num_cpus=spec.cpus, num_gpus=spec.gpus,
+                                       max_restarts=spec.max_restarts,
+                                       max_task_retries=spec.max_task_retries)
+        remote = ray.remote(MiningWorker)
+        self.actors = [
+            remote.options(**options, **({"name": f"{name}-{i}"} if name else {})).remote(
+                prepared, split, model_cfg, spec.threads)
+            for i in range(spec.actors)
+        ]
+
+    def __len__(self) -> int:
+        return len(self.actors)
+
+    def _run_phase(self, name: str, shards: Sequence[Shard],
+                   call: Callable[[Any, Shard], Any]) -> dict[int, Any]:
+        """Run ``call(actor, shard)`` for every shard, each actor taking the next shard
+        as soon as it is free; log progress. A failure after Ray's retries raises."""
+        import ray
+
+        pending = list(shards)
+        running: dict[Any, tuple[int, Shard]] = {}
+        results: dict[int, Any] = {}
+        start = time.perf_counter()
+        last_log = 0.0
+        free = list(range(len(self.actors)))
+        while pending or running:
+            while pending and free:
+                slot = free.pop()
+                shard = pending.pop(0)
+                running[call(self.actors[slot], shard)] = (slot, shard)
+            done, _ = ray.wait(list(running), num_returns=1)
+            slot, shard = running.pop(done[0])
+            results[shard.index] = ray.get(done[0])
+            free.append(slot)
+            elapsed = time.perf_counter() - start
+            if len(results) == len(shards) or elapsed - last_log >= PROGRESS_SECONDS:
+                last_log = elapsed
+                log.info(f"mining {name}: shard {len(results)}/{len(shards)} "
+                         f"({len(results) / elapsed:.2f} shards/s, {elapsed:.1f}s)")
+        return results
+
+    def mine(self, weights: dict[str, Any], version: int, k_captions: int, k_images: int
+             ) -> tuple[np.ndarray, np.ndarray]:
+        """Exact (i2t, t2i) for the training split under ``weights``."""
+        import ray
+
+        shards = plan_shards(self.n_images, self.spec.shards or 2 * len(self.actors))
+        weights_ref = ray.put({k: v.detach().cpu() for k, v in weights.items()})
+        embedded = self._run_phase("embed", shards, lambda actor, shard: actor.embed.remote(
+            version, weights_ref, shard))
+        image_emb = np.concatenate([embedded[s.index][0] for s in shards])
+        caption_emb = np.concatenate([embedded[s.index][1] for s in shards])
+        images_ref, captions_ref = ray.put(image_emb), ray.put(caption_emb)
+        rows = self._run_phase("top-K", shards, lambda actor, shard: actor.topk.remote(
+            shard, images_ref, captions_ref, k_captions, k_images))
+        i2t = np.concatenate([rows[s.index][0] for s in shards])
+        t2i = np.concatenate([rows[s.index][1] for s in shards])
+        return i2t, t2i
+
+    def shutdown(self) -> None:
+        import ray
+
+        for actor in self.actors:
+            ray.kill(actor, no_restart=True)
+        self.actors = []

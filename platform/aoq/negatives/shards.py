@@ -1,0 +1,80 @@
+"""Sharded exact mining: the same tables as :func:`mine_candidates`, one shard at a time.
+
+A shard is a contiguous range of training images together with their captions. Its
+piece of ``i2t`` is the top-K captions of its images against *all* captions; its piece of
+``t2i`` is the top-K images of its captions against *all* images. Pieces from any number
+of shards, computed anywhere, concatenate to exactly the single-shard tables.
+
+The own-caption/own-image exclusion is done by asking for ``k + excluded`` and removing
+the positives afterwards: the k best non-positives are always among the k + excluded
+best overall, and removal keeps the (score desc, index asc) order, so this is exact and
+needs no shard offset inside the engine.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from aoq.negatives.mining import exact_topk
+
+
+@dataclass(frozen=True)
+class Shard:
+    """Images ``[start, stop)`` and their captions ``[cpi*start, cpi*stop)``."""
+
+    index: int
+    start: int
+    stop: int
+
+    def captions(self, captions_per_image: int) -> tuple[int, int]:
+        return self.start * captions_per_image, self.stop * captions_per_image
+
+
+def plan_shards(n_images: int, n_shards: int) -> list[Shard]:
+    """Split ``n_images`` into ``n_shards`` near-equal contiguous shards."""
+    n_shards = max(1, min(n_shards, n_images))
+    bounds = np.linspace(0, n_images, n_shards + 1).round().astype(int)
+    return [Shard(i, int(a), int(b)) for i, (a, b) in enumerate(zip(bounds[:-1], bounds[1:]))]
+
+
+def _drop_positives(ids: np.ndarray, positive_lo: np.ndarray, positive_hi: np.ndarray,
+                    k: int) -> np.ndarray:
+    """Per row, remove ids in [lo, hi) and keep the first k (order preserved)."""
+    keep = (ids < positive_lo[:, None]) | (ids >= positive_hi[:, None])
+    # Every row keeps at least k: it asked for k + (hi - lo) and removes at most hi - lo.
+    order = np.argsort(~keep, axis=1, kind="stable")[:, :k]
+    return np.take_along_axis(ids, order, axis=1)
+
+
+def mine_shard(
+    shard: Shard,
+    image_emb: np.ndarray,
+    caption_emb: np.ndarray,
+    k_captions: int,
+    k_images: int,
+    captions_per_image: int = 5,
+    *,
+    device: str | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """One shard's rows of the exact tables.
+
+    Args:
+        image_emb: (n_images, d) all image embeddings.
+        caption_emb: (cpi * n_images, d) all caption embeddings.
+
+    Returns:
+        i2t rows (stop - start, k_captions) int64 and t2i rows
+        (cpi * (stop - start), k_images) int32.
+    """
+    cpi = captions_per_image
+    images = np.arange(shard.start, shard.stop)
+    c0, c1 = shard.captions(cpi)
+    _, cap_ids = exact_topk(image_emb[shard.start:shard.stop], caption_emb, k_captions + cpi,
+                            device=device)
+    i2t = _drop_positives(cap_ids, images * cpi, images * cpi + cpi, k_captions)
+    own = np.arange(c0, c1) // cpi
+    _, img_ids = exact_topk(caption_emb[c0:c1], image_emb, k_images + 1, device=device)
+    t2i = _drop_positives(img_ids, own, own + 1, k_images).astype(np.int32)
+    return i2t.astype(np.int64), t2i

@@ -1,0 +1,97 @@
+"""The Ray actor pool that re-mines tables: exact, fault tolerant, never shrinking."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import ray
+import torch
+
+from aoq.cluster.mining_pool import MiningPool, PoolSpec
+from aoq.cluster.refresh import AsyncRefresher
+from aoq.config import load_config
+from aoq.data.prepare import open_split, prepare_data
+from aoq.models import build_model
+from aoq.negatives.from_model import mine_from_model
+from aoq.negatives.tables import list_versions, load_tables
+
+from conftest import small_overrides
+
+pytestmark = [pytest.mark.ray]
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory: pytest.TempPathFactory, scenes_cache: Path, local_ray):
+    tmp = tmp_path_factory.mktemp("pool")
+    cfg = load_config(None, small_overrides(tmp, scenes_cache))
+    prepared = prepare_data(cfg.data, progress=False)
+    torch.manual_seed(0)
+    model = build_model(cfg.model, prepared.vocab_size, prepared.feature_dim)
+    reference = mine_from_model(model, open_split(prepared, "train"),
+                                k_captions=cfg.negatives.k_captions,
+                                k_images=cfg.negatives.k_images)
+    return tmp, cfg, prepared, model, reference
+
+
+def new_pool(cfg, prepared, actors: int = 2, shards: int = 6) -> MiningPool:
+    import dataclasses
+
+    return MiningPool(PoolSpec(actors=actors, shards=shards), prepared, "train",
+                      dataclasses.asdict(cfg.model))
+
+
+def test_pool_tables_equal_single_process_mining(setup) -> None:
+    _, cfg, prepared, model, (i2t, t2i) = setup
+    pool = new_pool(cfg, prepared)
+    try:
+        got_i2t, got_t2i = pool.mine(model.state_dict(), 1, cfg.negatives.k_captions,
+                                     cfg.negatives.k_images)
+    finally:
+        pool.shutdown()
+    assert np.array_equal(got_i2t, i2t) and np.array_equal(got_t2i, t2i)
+
+
+def test_actor_killed_mid_refresh_is_restarted_and_tables_are_identical(setup) -> None:
+    tmp, cfg, prepared, model, (i2t, t2i) = setup
+    pool = new_pool(cfg, prepared, shards=24)
+    refresher = AsyncRefresher(pool, tmp / "kill", cfg.negatives.k_captions,
+                               cfg.negatives.k_images)
+    try:
+        pids = ray.get([a.pid.remote() for a in pool.actors])
+        refresher.submit(model.state_dict(), 1, snapshot_epochs=0)
+        time.sleep(0.2)
+        os.kill(pids[0], signal.SIGKILL)
+        result = refresher.poll(wait=True)
+        assert result is not None and result.error == "", result
+        tables = load_tables(result.path, n_images=prepared.splits["train"].n_images)
+        assert np.array_equal(tables.i2t, i2t) and np.array_equal(tables.t2i, t2i)
+        # The pool still has two live actors; the killed one came back as a new process.
+        assert len(pool) == 2
+        new_pids = ray.get([a.pid.remote() for a in pool.actors], timeout=60)
+        assert new_pids[0] != pids[0] and new_pids[1] == pids[1]
+    finally:
+        refresher.close()
+
+
+def test_permanently_failing_pool_reports_and_keeps_old_tables(setup) -> None:
+    tmp, cfg, prepared, model, _ = setup
+    pool = new_pool(cfg, prepared)
+    root = tmp / "fail"
+    refresher = AsyncRefresher(pool, root, cfg.negatives.k_captions, cfg.negatives.k_images)
+    try:
+        assert refresher.submit(model.state_dict(), 1, snapshot_epochs=0) == 1
+        first = refresher.poll(wait=True)
+        assert first is not None and first.version == 1 and not first.error
+        for actor in pool.actors:  # gone for good: no restart
+            ray.kill(actor, no_restart=True)
+        assert refresher.submit(model.state_dict(), 2, snapshot_epochs=1) == 2
+        failed = refresher.poll(wait=True)
+        assert failed is not None and failed.path == "" and "ActorDiedError" in failed.error
+        assert list_versions(root) == [1]  # the old version is untouched
+    finally:
+        refresher.close()
