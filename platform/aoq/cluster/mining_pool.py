@@ -78,6 +78,12 @@ class MiningWorker:
 
         return os.getpid()
 
+    def node(self) -> str:
+        """The Ray node id this actor runs on (where a shard's work actually happens)."""
+        import ray
+
+        return ray.get_runtime_context().get_node_id()
+
     def _load(self, version: int, weights: dict[str, Any]) -> None:
         if version != self.version:  # a restarted actor reloads from the object store
             self.model.load_state_dict(weights)

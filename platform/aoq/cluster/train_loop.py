@@ -312,7 +312,11 @@ class WorkerSession:
         }
 
     def run_epoch(self, epoch: int) -> None:
+        wall_start = time.perf_counter()
         refresh_metrics = self.prepare_tables(epoch)
+        # What the table switch (and a synchronous mine, or a wait for the first tables)
+        # cost this epoch: the number the asynchronous refresh exists to keep near zero.
+        refresh_metrics["time/table_boundary_seconds"] = time.perf_counter() - wall_start
         self._record_version(epoch)
         loss_fn = self._loss_for(epoch)
         self.sampler.set_epoch(epoch)
@@ -335,6 +339,7 @@ class WorkerSession:
                 self.best_rsum = dev["rsum"]
                 self._save_best(epoch, dev["rsum"])
             metrics["dev/best_rsum"] = self.best_rsum
+            metrics["time/epoch_wall_seconds"] = time.perf_counter() - wall_start
             log_metrics(self.payload.run, metrics, step=epoch)
             self._hardness_plot(epoch, stats.hardness)
             log.info(f"epoch {epoch + 1}/{self.cfg.optim.epochs}: loss "
