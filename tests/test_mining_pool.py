@@ -95,3 +95,19 @@ def test_permanently_failing_pool_reports_and_keeps_old_tables(setup) -> None:
         assert list_versions(root) == [1]  # the old version is untouched
     finally:
         refresher.close()
+
+
+@pytest.mark.parametrize("override, message", [
+    ("negatives.pool_gpus=0.5", "negatives.pool_gpus=0.5 needs 1 GPUs"),
+    ("negatives.pool_cpus=0.5", "needs 1 CPUs beside the 2 of the training workers"),
+])
+def test_a_pool_the_cluster_cannot_place_is_refused_before_training(setup, override: str,
+                                                                    message: str) -> None:
+    from aoq.cluster.job import check_resources
+    from aoq.config import ConfigError
+
+    tmp, *_ = setup
+    cfg = load_config(None, [f"run.storage={tmp / 'runs'}", "run.num_workers=2",
+                             "loss.variant=aoq", "negatives.source=mine", override])
+    with pytest.raises(ConfigError, match=message.replace(".", r"\.")):
+        check_resources(cfg)

@@ -21,7 +21,7 @@ from aoq.cluster.train_loop import (
 )
 from aoq.config import Config, ConfigError, config_to_dict, dump_yaml, parse_negative_source
 from aoq.data.prepare import PreparedData, open_split, prepare_data
-from aoq.negatives.schedule import uses_offline
+from aoq.negatives.schedule import mines_during_training, uses_offline
 
 
 @dataclass(frozen=True)
@@ -128,6 +128,20 @@ def check_resources(cfg: Config) -> None:
     if cfg.run.device == "cuda" and total.get("GPU", 0) < cfg.run.num_workers:
         raise ConfigError(f"run.device='cuda' needs {cfg.run.num_workers} GPUs, but the Ray "
                           f"cluster has {total.get('GPU', 0):g}")
+    neg = cfg.negatives
+    if neg.pool_actors and mines_during_training(neg, cfg.loss):
+        # The pool is placed after the trainers; an unplaceable actor would leave the
+        # first mining (which training waits for) pending forever.
+        train_gpus = cfg.run.num_workers if use_gpu(cfg) else 0
+        for kind, per_actor, used in (("CPU", neg.pool_cpus, need_cpu),
+                                      ("GPU", neg.pool_gpus, train_gpus)):
+            need = neg.pool_actors * per_actor
+            if need and total.get(kind, 0) + 1e-9 < used + need:
+                raise ConfigError(
+                    f"negatives.pool_actors={neg.pool_actors} x negatives.pool_"
+                    f"{kind.lower()}s={per_actor:g} needs {need:g} {kind}s beside the "
+                    f"{used:g} of the training workers, but the Ray cluster has "
+                    f"{total.get(kind, 0):g}")
 
 
 def use_gpu(cfg: Config) -> bool:
