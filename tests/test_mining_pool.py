@@ -17,12 +17,15 @@ from aoq.cluster.refresh import AsyncRefresher
 from aoq.config import load_config
 from aoq.data.prepare import open_split, prepare_data
 from aoq.models import build_model
-from aoq.negatives.from_model import mine_from_model
+from aoq.evaluation.encode import encode_split
+from aoq.negatives.mining import mine_candidates
 from aoq.negatives.tables import list_versions, load_tables
 
 from conftest import small_overrides
 
 pytestmark = [pytest.mark.ray]
+
+EMBED_BATCH = 8  # small enough that 240 images make 24 aligned shards
 
 
 @pytest.fixture(scope="module")
@@ -32,16 +35,19 @@ def setup(tmp_path_factory: pytest.TempPathFactory, scenes_cache: Path, local_ra
     prepared = prepare_data(cfg.data, progress=False)
     torch.manual_seed(0)
     model = build_model(cfg.model, prepared.vocab_size, prepared.feature_dim)
-    reference = mine_from_model(model, open_split(prepared, "train"),
-                                k_captions=cfg.negatives.k_captions,
-                                k_images=cfg.negatives.k_images)
+    # Single-process mining on the pool's encoder batch grid (EMBED_BATCH images).
+    images, captions = encode_split(model, open_split(prepared, "train"),
+                                    batch_size=EMBED_BATCH)
+    reference = mine_candidates(images, captions, cfg.negatives.k_captions,
+                                cfg.negatives.k_images, 5)
     return tmp, cfg, prepared, model, reference
 
 
 def new_pool(cfg, prepared, actors: int = 2, shards: int = 6) -> MiningPool:
     import dataclasses
 
-    return MiningPool(PoolSpec(actors=actors, shards=shards), prepared, "train",
+    return MiningPool(PoolSpec(actors=actors, shards=shards, embed_batch=EMBED_BATCH),
+                      prepared, "train",
                       dataclasses.asdict(cfg.model))
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 from aoq.negatives import mine_candidates
 from aoq.negatives.shards import mine_shard, plan_shards
@@ -46,3 +47,31 @@ def test_plan_covers_every_image_once() -> None:
     assert shards[0].start == 0 and shards[-1].stop == 103
     assert all(a.stop == b.start for a, b in zip(shards, shards[1:]))
     assert len(plan_shards(3, 10)) == 3
+
+
+def test_shard_boundaries_follow_the_encoder_batch_grid() -> None:
+    shards = plan_shards(4000, 8, align=256)
+    assert shards[0].start == 0 and shards[-1].stop == 4000
+    assert all(a.stop == b.start for a, b in zip(shards, shards[1:]))
+    assert all(s.start % 256 == 0 for s in shards)
+    assert len(plan_shards(300, 8, align=256)) == 2  # only two aligned blocks exist
+
+
+def test_an_aligned_range_encodes_bit_identically_to_the_whole_split(tmp_path) -> None:
+    from aoq.config import load_config
+    from aoq.data.prepare import open_split, prepare_data
+    from aoq.evaluation.encode import encode_range, encode_split
+    from aoq.models import build_model
+
+    from conftest import SMALL_SCENES
+
+    cfg = load_config(None, [*SMALL_SCENES, f"data.cache_dir={tmp_path}"])
+    prepared = prepare_data(cfg.data, progress=False)
+    split = open_split(prepared, "train")
+    torch.manual_seed(0)
+    model = build_model(cfg.model, prepared.vocab_size, prepared.feature_dim)
+    images, captions = encode_split(model, split, batch_size=16)
+    for shard in plan_shards(split.n_images, 5, align=16):
+        part_i, part_c = encode_range(model, split, shard.start, shard.stop, batch_size=16)
+        assert torch.equal(part_i, images[shard.start:shard.stop])
+        assert torch.equal(part_c, captions[5 * shard.start:5 * shard.stop])

@@ -36,6 +36,7 @@ class AblationRun:
     seed: int
     outcome: TrainingOutcome
     dev_rsum: list[float]
+    reused: bool = False  # finished by an earlier invocation of the study
 
 
 def machine_description() -> str:
@@ -60,8 +61,10 @@ def finished_outcome(cfg: Config) -> TrainingOutcome | None:
     run = find_run(uri, ensure_experiment(uri, cfg.tracking.experiment), cfg.run.name)
     if run is None or run.info.status != "FINISHED":
         return None
+    # MLflow's start-to-end time: the run's training time unless it was interrupted.
+    seconds = max(0.0, ((run.info.end_time or 0) - run.info.start_time) / 1000)
     return TrainingOutcome(cfg.run.name, run.info.run_id, str(output_dir),
-                           json.loads(metrics_file.read_text()), 0.0)
+                           json.loads(metrics_file.read_text()), seconds)
 
 
 def dev_history(cfg: Config, run_id: str) -> list[float]:
@@ -148,7 +151,8 @@ def run_ablation(
                 f"run.name={group}-{variant}-s{seed}", f"tracking.tags.group={group}",
             ])
             outcome = finished_outcome(cfg)
-            if outcome is not None:
+            reused = outcome is not None
+            if reused:
                 print(f"[ablation] {variant} seed {seed}: already finished "
                       f"(MLflow run {outcome.run_id}), reusing it", flush=True)
             else:
@@ -160,7 +164,8 @@ def run_ablation(
                 print(f"[ablation] {variant} seed {seed}{' (resuming)' if resuming else ''}",
                       flush=True)
                 outcome = run_training(cfg)
-            runs.append(AblationRun(variant, seed, outcome, dev_history(cfg, outcome.run_id)))
+            runs.append(AblationRun(variant, seed, outcome, dev_history(cfg, outcome.run_id),
+                                    reused))
     assert cfg is not None
     table = summary_table(runs, variants)
     figure = report_path.with_name(f"{report_path.stem}_dev_rsum.png")
@@ -175,7 +180,7 @@ def run_ablation(
 def render_report(table: pd.DataFrame, runs: Sequence[AblationRun], cfg: Config, command: str,
                   wall: float, figure: str, group: str) -> str:
     ordered = list(table.index)
-    trained = sum(1 for r in runs if r.outcome.seconds > 0)
+    trained = sum(1 for r in runs if not r.reused)
     rsum = table["rsum"]
     order_holds = all(rsum[a] < rsum[b] for a, b in zip(ordered, ordered[1:]))
     lines = [
@@ -197,8 +202,7 @@ def render_report(table: pd.DataFrame, runs: Sequence[AblationRun], cfg: Config,
         f"invocation" + (f" ({len(runs) - trained} finished runs reused from an earlier one)"
                          if trained < len(runs) else ""),
         "- Per-run training time (min): " + ", ".join(
-            f"{r.variant}/s{r.seed} {r.outcome.seconds / 60:.1f}" for r in runs
-            if r.outcome.seconds > 0),
+            f"{r.variant}/s{r.seed} {r.outcome.seconds / 60:.1f}" for r in runs),
         f"- Date: {time.strftime('%Y-%m-%d')}",
         "",
     ]

@@ -23,12 +23,12 @@ from typing import Any
 import numpy as np
 
 from aoq.data.prepare import PreparedData, open_split
+from aoq.evaluation.encode import encode_range
 from aoq.negatives.shards import Shard, mine_shard, plan_shards
 
 log = logging.getLogger("aoq.mining")
 
 PROGRESS_SECONDS = 5.0  # at most one progress line per phase this often (plus the last)
-EMBED_CHUNK = 256  # images per forward pass in phase 1 (x cpi captions)
 
 
 @dataclass(frozen=True)
@@ -42,6 +42,8 @@ class PoolSpec:
         gpus: GPUs per actor (fractional allowed).
         threads: torch threads inside each actor.
         shards: image shards per refresh (0 = 2 per actor, so a slow actor is caught up).
+        embed_batch: images per forward pass in phase 1; shard boundaries are multiples
+            of it, so the tables equal single-process mining with the same batch.
         max_restarts: restarts of a dead actor; max_task_retries: retries of its call.
     """
 
@@ -50,6 +52,7 @@ class PoolSpec:
     gpus: float = 0.0
     threads: int = 1
     shards: int = 0
+    embed_batch: int = 256
     max_restarts: int = 3
     max_task_retries: int = 3
 
@@ -89,28 +92,15 @@ class MiningWorker:
             self.model.load_state_dict(weights)
             self.version = version
 
-    def embed(self, version: int, weights: dict[str, Any], shard: Shard
+    def embed(self, version: int, weights: dict[str, Any], shard: Shard, batch_size: int
               ) -> tuple[np.ndarray, np.ndarray]:
-        """(images, cpi*images) float32 embeddings of one shard.
-
-        Read in chunks of :data:`EMBED_CHUNK` images: a COCO shard's region features are
-        gigabytes, and only one chunk of them should ever be resident.
-        """
-        import torch
-
+        """(images, cpi*images) float32 embeddings of one shard, in batches of
+        ``batch_size`` images on the split's grid (see :func:`encode_range`): only one
+        batch of a COCO shard's region features is ever resident."""
         self._load(version, weights)
-        cpi = self.split.captions_per_image
-        images, captions = [], []
-        with torch.no_grad():
-            for start in range(shard.start, shard.stop, EMBED_CHUNK):
-                stop = min(start + EMBED_CHUNK, shard.stop)
-                feats = torch.from_numpy(np.array(self.split.images[start:stop],
-                                                  dtype=np.float32))
-                images.append(self.model.encode_images(feats.to(self.device)).float().cpu())
-                tokens, lengths = self.split.tokens.batch(np.arange(start * cpi, stop * cpi))
-                captions.append(self.model.encode_captions(
-                    tokens.to(self.device), lengths.to(self.device)).float().cpu())
-        return torch.cat(images).numpy(), torch.cat(captions).numpy()
+        images, captions = encode_range(self.model, self.split, shard.start, shard.stop,
+                                        batch_size=batch_size)
+        return images.float().cpu().numpy(), captions.float().cpu().numpy()
 
     def topk(self, shard: Shard, image_emb: np.ndarray, caption_emb: np.ndarray,
              k_captions: int, k_images: int) -> tuple[np.ndarray, np.ndarray]:
@@ -175,10 +165,11 @@ class MiningPool:
         """Exact (i2t, t2i) for the training split under ``weights``."""
         import ray
 
-        shards = plan_shards(self.n_images, self.spec.shards or 2 * len(self.actors))
+        shards = plan_shards(self.n_images, self.spec.shards or 2 * len(self.actors),
+                             align=self.spec.embed_batch)
         weights_ref = ray.put({k: v.detach().cpu() for k, v in weights.items()})
         embedded = self._run_phase("embed", shards, lambda actor, shard: actor.embed.remote(
-            version, weights_ref, shard))
+            version, weights_ref, shard, self.spec.embed_batch))
         image_emb = np.concatenate([embedded[s.index][0] for s in shards])
         caption_emb = np.concatenate([embedded[s.index][1] for s in shards])
         images_ref, captions_ref = ray.put(image_emb), ray.put(caption_emb)

@@ -32,11 +32,16 @@ class Shard:
         return self.start * captions_per_image, self.stop * captions_per_image
 
 
-def plan_shards(n_images: int, n_shards: int) -> list[Shard]:
-    """Split ``n_images`` into ``n_shards`` near-equal contiguous shards."""
-    n_shards = max(1, min(n_shards, n_images))
-    bounds = np.linspace(0, n_images, n_shards + 1).round().astype(int)
-    return [Shard(i, int(a), int(b)) for i, (a, b) in enumerate(zip(bounds[:-1], bounds[1:]))]
+def plan_shards(n_images: int, n_shards: int, align: int = 1) -> list[Shard]:
+    """Split ``n_images`` into up to ``n_shards`` near-equal contiguous shards whose
+    boundaries are multiples of ``align`` (the encoder's batch grid, so that a shard
+    encodes bit-identically wherever it runs); fewer shards when there are not enough
+    aligned boundaries."""
+    units = -(-n_images // align)  # aligned blocks, the last one possibly short
+    n_shards = max(1, min(n_shards, units))
+    bounds = sorted({min(n_images, int(round(u)) * align)
+                     for u in np.linspace(0, units, n_shards + 1)})
+    return [Shard(i, a, b) for i, (a, b) in enumerate(zip(bounds[:-1], bounds[1:]))]
 
 
 def _drop_positives(ids: np.ndarray, positive_lo: np.ndarray, positive_hi: np.ndarray,
