@@ -12,7 +12,7 @@ import pytest
 import ray
 import torch
 
-from aoq.cluster.mining_pool import MiningPool, PoolSpec
+from aoq.cluster.mining_pool import MiningPool, MiningWorker, PoolSpec
 from aoq.cluster.refresh import AsyncRefresher
 from aoq.config import load_config
 from aoq.data.prepare import open_split, prepare_data
@@ -117,3 +117,38 @@ def test_a_pool_the_cluster_cannot_place_is_refused_before_training(setup, overr
                              "loss.variant=aoq", "negatives.source=mine", override])
     with pytest.raises(ConfigError, match=message.replace(".", r"\.")):
         check_resources(cfg)
+
+
+def test_an_application_error_in_a_shard_is_retried(setup) -> None:
+    import dataclasses
+
+    # Defined here so that Ray pickles it by value: tests/ is not importable in workers.
+    class FlakyWorker(MiningWorker):
+        """Fails its first call of each phase, as a transient memory or CUDA error would."""
+
+        def __init__(self, *args, **kwargs) -> None:
+            super().__init__(*args, **kwargs)
+            self.failed: set[str] = set()
+
+        def _fail_once(self, phase: str) -> None:
+            if phase not in self.failed:
+                self.failed.add(phase)
+                raise RuntimeError(f"transient failure in {phase}")
+
+        def embed(self, *args, **kwargs):
+            self._fail_once("embed")
+            return super().embed(*args, **kwargs)
+
+        def topk(self, *args, **kwargs):
+            self._fail_once("topk")
+            return super().topk(*args, **kwargs)
+
+    _, cfg, prepared, model, (i2t, t2i) = setup
+    pool = MiningPool(PoolSpec(actors=2, shards=6, embed_batch=EMBED_BATCH), prepared,
+                      "train", dataclasses.asdict(cfg.model), worker=FlakyWorker)
+    try:
+        got_i2t, got_t2i = pool.mine(model.state_dict(), 1, cfg.negatives.k_captions,
+                                     cfg.negatives.k_images)
+    finally:
+        pool.shutdown()
+    assert np.array_equal(got_i2t, i2t) and np.array_equal(got_t2i, t2i)

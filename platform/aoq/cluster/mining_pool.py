@@ -6,8 +6,8 @@ shards against all embeddings (also shared through the object store, read zero-c
 The coordinator assembles the rows and publishes a new table version atomically.
 
 Faults: actors are created with ``max_restarts`` and their calls with
-``max_task_retries``, so a killed actor is restarted by Ray and its in-flight shard is
-retried on it: the pool never shrinks (unlike ``ray.util.ActorPool``, which drops a dead
+``max_task_retries`` (application errors included), so a killed actor is restarted by
+Ray and its in-flight shard is retried on it: the pool never shrinks (unlike ``ray.util.ActorPool``, which drops a dead
 actor). A shard that still fails after the retries fails the whole refresh; the caller
 keeps training on the tables it has.
 """
@@ -112,9 +112,11 @@ class MiningPool:
     """M restartable actors plus a coordinator that runs one refresh at a time."""
 
     def __init__(self, spec: PoolSpec, prepared: PreparedData, split: str,
-                 model_cfg: dict[str, Any], name: str = "") -> None:
-        """Start ``spec.actors`` actors; with ``name``, actor i is named ``f"{name}-{i}"``
-        (visible in the Ray dashboard, and reachable with ``ray.get_actor``)."""
+                 model_cfg: dict[str, Any], name: str = "",
+                 worker: type[MiningWorker] | None = None) -> None:
+        """Start ``spec.actors`` actors of ``worker`` (default :class:`MiningWorker`);
+        with ``name``, actor i is named ``f"{name}-{i}"`` (visible in the Ray dashboard,
+        and reachable with ``ray.get_actor``)."""
         import ray
 
         self.spec = spec
@@ -122,12 +124,18 @@ class MiningPool:
         options: dict[str, Any] = dict(num_cpus=spec.cpus, num_gpus=spec.gpus,
                                        max_restarts=spec.max_restarts,
                                        max_task_retries=spec.max_task_retries)
-        remote = ray.remote(MiningWorker)
+        remote = ray.remote(worker or MiningWorker)
         self.actors = [
             remote.options(**options, **({"name": f"{name}-{i}"} if name else {})).remote(
                 prepared, split, model_cfg, spec.threads)
             for i in range(spec.actors)
         ]
+
+    def _retrying(self, method: Any) -> Any:
+        """The actor method with retries of application errors too (a transient CUDA or
+        memory error inside a shard), not only of the actor's death."""
+        return method.options(retry_exceptions=True,
+                              max_task_retries=self.spec.max_task_retries)
 
     def __len__(self) -> int:
         return len(self.actors)
@@ -168,12 +176,12 @@ class MiningPool:
         shards = plan_shards(self.n_images, self.spec.shards or 2 * len(self.actors),
                              align=self.spec.embed_batch)
         weights_ref = ray.put({k: v.detach().cpu() for k, v in weights.items()})
-        embedded = self._run_phase("embed", shards, lambda actor, shard: actor.embed.remote(
+        embedded = self._run_phase("embed", shards, lambda actor, shard: self._retrying(actor.embed).remote(
             version, weights_ref, shard, self.spec.embed_batch))
         image_emb = np.concatenate([embedded[s.index][0] for s in shards])
         caption_emb = np.concatenate([embedded[s.index][1] for s in shards])
         images_ref, captions_ref = ray.put(image_emb), ray.put(caption_emb)
-        rows = self._run_phase("top-K", shards, lambda actor, shard: actor.topk.remote(
+        rows = self._run_phase("top-K", shards, lambda actor, shard: self._retrying(actor.topk).remote(
             shard, images_ref, captions_ref, k_captions, k_images))
         i2t = np.concatenate([rows[s.index][0] for s in shards])
         t2i = np.concatenate([rows[s.index][1] for s in shards])
