@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -154,8 +155,10 @@ def use_gpu(cfg: Config) -> bool:
     return ray.cluster_resources().get("GPU", 0) >= cfg.run.num_workers
 
 
-def build_trainer(cfg: Config, payload: WorkerPayload, run_name: str):
-    """A TorchTrainer for this job (gloo on CPU, NCCL with one GPU per worker)."""
+def build_trainer(cfg: Config, payload: WorkerPayload, run_name: str,
+                  callbacks: Sequence[Any] = ()):
+    """A TorchTrainer for this job (gloo on CPU, NCCL with one GPU per worker);
+    ``callbacks`` are Ray Train callbacks (a Tune trial passes TuneReportCallback)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -171,6 +174,7 @@ def build_trainer(cfg: Config, payload: WorkerPayload, run_name: str):
             storage_path=cfg.run.storage,
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.run.checkpoints_to_keep),
             failure_config=FailureConfig(max_failures=cfg.run.max_failures),
+            callbacks=list(callbacks),
         ),
     )
 
@@ -194,8 +198,12 @@ def _log_outputs(handle: RunHandle, output_dir: Path) -> None:
             log_artifact(handle, path)
 
 
-def run_training(cfg: Config) -> TrainingOutcome:
+def run_training(cfg: Config, *, tags: dict[str, str] | None = None,
+                 callbacks: Sequence[Any] = ()) -> TrainingOutcome:
     """Train, evaluate and record one job; returns the final test metrics.
+
+    ``tags`` are added to the MLflow run (a Tune trial adds its parent run and study);
+    ``callbacks`` go to the TorchTrainer.
 
     Raises:
         ConfigError / DataError: before anything runs, for bad config or data.
@@ -215,13 +223,14 @@ def run_training(cfg: Config) -> TrainingOutcome:
     started_local = _connect_ray(cfg)
     if started_local:
         check_resources(cfg)
-    handle = start_run(cfg, run_name, _run_tags(cfg, prepared), resume=cfg.run.resume)
+    handle = start_run(cfg, run_name, {**_run_tags(cfg, prepared), **(tags or {})},
+                       resume=cfg.run.resume)
     print(f"[aoq] run {run_name!r}: MLflow run {handle.run_id} at {handle.tracking_uri}",
           flush=True)
     payload = WorkerPayload(config=config_to_dict(cfg), prepared=prepared, run=handle,
                             output_dir=str(output_dir), initial_tables=tables)
     try:
-        result = build_trainer(cfg, payload, run_name).fit()
+        result = build_trainer(cfg, payload, run_name, callbacks).fit()
         if getattr(result, "error", None) is not None:
             raise result.error
         test_metrics = json.loads((output_dir / TEST_METRICS_FILE).read_text())

@@ -101,6 +101,7 @@ class WorkerSession:
         self.refresh_failures = 0
         self.start_epoch = 0
         self.best_rsum = -math.inf
+        self.last_metrics: dict[str, float] = {}  # rank 0's last epoch report
 
     # ------------------------------------------------------------------ setup
 
@@ -346,6 +347,7 @@ class WorkerSession:
                      f"{stats.terms.get('loss', 0):.3f} ({loss_fn.variant}), dev rsum "
                      f"{dev['rsum']:.1f} (best {self.best_rsum:.1f}), "
                      f"{stats.samples_per_second * self.world:.0f} pairs/s")
+        self.last_metrics = metrics
         self._report(metrics, epoch)
 
     def _hardness_plot(self, epoch: int, hardness: dict[str, np.ndarray]) -> None:
@@ -379,7 +381,9 @@ class WorkerSession:
         metrics: dict[str, float] = {}
         if self.rank == 0:
             metrics = self.evaluate_test()
-        self.report({"final": 1, **metrics})
+        # The last epoch's dev metrics ride along: a Tune scheduler requires its metric
+        # and time attribute in every result, this one included.
+        self.report({**self.last_metrics, "final": 1, **metrics})
 
     def evaluate_test(self) -> dict[str, float]:
         from aoq.evaluation import plot_recall_curves, ranks_i2t, ranks_t2i, recall_curve

@@ -1,0 +1,442 @@
+"""Ray Tune studies: every trial is a full distributed training job, nested in MLflow.
+
+Train V2 cannot hand a ``TorchTrainer`` to ``tune.Tuner``; following Ray's
+``train_tune_interop`` pattern, each trial is a function that builds the trial's config
+from the sampled values and calls :func:`run_training`, whose trainer forwards every
+epoch's report to Tune (``TuneReportCallback``). The trial function itself reserves
+no CPU (its trainer's workers do), and ``max_concurrent_trials`` bounds the trials so
+that trials plus their workers always fit: checked before the study starts.
+
+MLflow: one parent run per study, one child run per trial (``mlflow.parentRunId``), each
+child found again by its run-name tag, so a resumed study reopens the same child runs
+instead of opening second ones. After Tune returns, children that Tune stopped (ASHA)
+or that died with a killed driver are closed with the right status: none stays RUNNING.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from aoq.atomic import atomic_write_text
+from aoq.cluster.tracking import (
+    RunHandle, end_run, ensure_experiment, find_run, log_artifact, resolve_tracking_uri,
+)
+from aoq.config import Config, ConfigError, dump_yaml, load_config, parse_negative_source
+from aoq.config.tune_space import ParamSpec, TuneSpace, as_overrides, load_space
+
+STUDY_FILE = "study.json"
+STUDY_KIND_TAG = "aoq.kind"
+STUDY_TAG = "study"
+STOPPED_EARLY_TAG = "aoq.tune.stopped_early"
+TRIAL_MEMORY_BYTES = 256 * 1024**2  # the trial's driver function; its workers are apart
+
+
+@dataclasses.dataclass(frozen=True)
+class StudySpec:
+    """Everything that defines a study; saved in its directory so ``--resume`` needs
+    only the name.
+
+    Attributes:
+        name: the study's name (directory, MLflow tag ``study``, run-name prefix).
+        space: path of the search-space YAML.
+        config: optional base config YAML; overrides: dotted overrides on top of it.
+        samples: trials to sample (for grid spaces: repeats of the grid).
+        scheduler: ``asha`` (early stopping on the space's metric) or ``fifo``.
+        max_concurrent: trials running at once (0 = as many as the cluster fits).
+        trial_cpus: CPUs reserved by each trial's driver function (its workers are
+            reserved separately by its trainer).
+        seed: seed of the sampler.
+    """
+
+    name: str
+    space: str
+    config: str | None = None
+    overrides: tuple[str, ...] = ()
+    samples: int = 4
+    scheduler: str = "asha"
+    max_concurrent: int = 0
+    trial_cpus: float = 0.0
+    seed: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class TrialContext:
+    """What every trial function needs (sent once through the object store)."""
+
+    study: str
+    config: str | None
+    overrides: tuple[str, ...]
+    keys: tuple[str, ...]
+    trials_dir: str
+    parent_run_id: str
+
+
+@dataclasses.dataclass(frozen=True)
+class StudyOutcome:
+    study_dir: str
+    parent_run_id: str
+    table: pd.DataFrame
+    best_config_path: str
+
+
+def study_dir(cfg: Config, name: str) -> Path:
+    return Path(cfg.run.storage) / "studies" / name
+
+
+def save_spec(spec: StudySpec, directory: Path) -> None:
+    directory.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(directory / STUDY_FILE, json.dumps(dataclasses.asdict(spec), indent=2))
+
+
+def load_spec(directory: Path) -> StudySpec:
+    path = directory / STUDY_FILE
+    if not path.exists():
+        raise ConfigError(f"{path}: no study to resume here (was it started with this "
+                          "run.storage?)")
+    values = json.loads(path.read_text())
+    values["overrides"] = tuple(values["overrides"])
+    return StudySpec(**values)
+
+
+# --------------------------------------------------------------------------- checks
+
+
+def per_trial_cpus(cfg: Config, trial_cpus: float) -> float:
+    """CPUs one trial holds: its driver function, its workers, its mining actors."""
+    from aoq.negatives.schedule import mines_during_training
+
+    need = trial_cpus + cfg.run.num_workers * cfg.run.cpus_per_worker
+    if cfg.negatives.pool_actors and mines_during_training(cfg.negatives, cfg.loss):
+        need += cfg.negatives.pool_actors * cfg.negatives.pool_cpus
+    return need
+
+
+def concurrency(cfg: Config, spec: StudySpec, cluster_cpus: float) -> int:
+    """How many trials may run at once; refuses a study that would deadlock.
+
+    A trial whose workers cannot be placed waits forever while holding its own slot, so
+    ``concurrent x per-trial CPUs`` must fit the cluster.
+    """
+    need = per_trial_cpus(cfg, spec.trial_cpus)
+    fits = math.floor((cluster_cpus + 1e-9) / need) if need > 0 else spec.samples
+    if fits < 1:
+        raise ConfigError(
+            f"one trial needs {need:g} CPUs (trial_cpus={spec.trial_cpus:g} + "
+            f"run.num_workers={cfg.run.num_workers} x run.cpus_per_worker="
+            f"{cfg.run.cpus_per_worker:g} + mining actors), but the Ray cluster has "
+            f"{cluster_cpus:g}")
+    if spec.max_concurrent > fits:
+        raise ConfigError(
+            f"--max-concurrent {spec.max_concurrent} trials x {need:g} CPUs each needs "
+            f"{spec.max_concurrent * need:g} CPUs, but the Ray cluster has "
+            f"{cluster_cpus:g}: trials would wait forever for their workers. Use "
+            f"--max-concurrent {fits} or fewer.")
+    return spec.max_concurrent or fits
+
+
+# --------------------------------------------------------------------------- Tune glue
+
+
+def tune_distribution(p: ParamSpec) -> Any:
+    from ray import tune
+
+    if p.distribution == "grid":
+        return tune.grid_search(list(p.values))
+    if p.distribution == "choice":
+        return tune.choice(list(p.values))
+    if p.distribution in ("randint", "qrandint"):
+        low, high = int(p.low), int(p.high)
+        return tune.randint(low, high) if p.q is None else tune.qrandint(low, high, int(p.q))
+    fn = {"uniform": tune.uniform, "loguniform": tune.loguniform,
+          "quniform": tune.quniform, "qloguniform": tune.qloguniform}[p.distribution]
+    return fn(p.low, p.high) if p.q is None else fn(p.low, p.high, p.q)
+
+
+def trial_name(study: str, trial_id: str) -> str:
+    return f"{study}-{trial_id}"
+
+
+def run_trial(config: dict[str, Any], ctx: TrialContext) -> None:
+    """One trial: the sampled values on top of the study's config, trained to the end
+    (or until the scheduler stops it), reporting every epoch to Tune."""
+    from ray import tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from aoq.cluster.job import run_training
+
+    trial_id = tune.get_context().get_trial_id()
+    name = trial_name(ctx.study, trial_id)
+    sampled = {k: config[k] for k in ctx.keys}
+    cfg = load_config(ctx.config, [*ctx.overrides, *as_overrides(sampled),
+                                   f"run.name={name}", f"run.storage={ctx.trials_dir}",
+                                   "run.resume=true"])
+    tags = {"mlflow.parentRunId": ctx.parent_run_id, STUDY_TAG: ctx.study,
+            "aoq.tune.trial_id": trial_id,
+            **{f"aoq.tune.param.{k}": str(v) for k, v in sampled.items()}}
+    run_training(cfg, tags=tags, callbacks=[TuneReportCallback()])
+
+
+def scheduler_for(spec: StudySpec, space: TuneSpace, epochs: int) -> Any:
+    if spec.scheduler == "fifo":
+        return None
+    from ray.tune.schedulers import ASHAScheduler
+
+    # The epoch index every report carries is the time axis: wall time would make
+    # ASHA's rungs depend on how busy the machine was. max_t = epochs is never reached
+    # by an index (0 .. epochs-1), so ASHA only ever stops the weaker trials early and a
+    # surviving trial always reaches its final test evaluation.
+    return ASHAScheduler(time_attr="epoch", max_t=epochs, grace_period=1,
+                         reduction_factor=2)
+
+
+# --------------------------------------------------------------------------- MLflow
+
+
+def open_parent_run(cfg: Config, spec: StudySpec, space: TuneSpace) -> RunHandle:
+    """The study's parent run, reopened when the study is resumed."""
+    from mlflow.entities import Param
+    from mlflow.tracking import MlflowClient
+
+    uri = resolve_tracking_uri(cfg.tracking)
+    experiment_id = ensure_experiment(uri, cfg.tracking.experiment)
+    client = MlflowClient(uri)
+    run_name = f"{spec.name}-study"
+    existing = find_run(uri, experiment_id, run_name)
+    if existing is not None:
+        client.update_run(existing.info.run_id, status="RUNNING")
+        return RunHandle(uri, existing.info.run_id, experiment_id)
+    from aoq.cluster.tracking import RUN_NAME_TAG
+
+    run = client.create_run(experiment_id, run_name=run_name, tags={
+        RUN_NAME_TAG: run_name, STUDY_TAG: spec.name, STUDY_KIND_TAG: "tune-study",
+        **cfg.tracking.tags})
+    params = {"study.space": spec.space, "study.samples": str(spec.samples),
+              "study.scheduler": spec.scheduler, "study.metric": space.metric,
+              "study.mode": space.mode, "study.overrides": " ".join(spec.overrides)[:6000],
+              **{f"space.{p.key}": _describe(p) for p in space.params}}
+    client.log_batch(run.info.run_id, params=[Param(k, v) for k, v in params.items()])
+    client.log_artifact(run.info.run_id, spec.space)
+    return RunHandle(uri, run.info.run_id, experiment_id)
+
+
+def _describe(p: ParamSpec) -> str:
+    if p.values:
+        return f"{p.distribution}{list(p.values)}"
+    q = f", q={p.q}" if p.q is not None else ""
+    return f"{p.distribution}({p.low}, {p.high}{q})"
+
+
+def close_trial_runs(handle: RunHandle, study: str, rows: pd.DataFrame, epochs: int) -> None:
+    """Give every child run its final status; none stays RUNNING.
+
+    A trial stopped by ASHA is killed mid-training, and a trial of a killed driver
+    never returns: their runs are still RUNNING. Stopped early -> FINISHED with
+    ``aoq.tune.stopped_early=true``; errored -> FAILED.
+    """
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(handle.tracking_uri)
+    for row in rows.itertuples():
+        run = find_run(handle.tracking_uri, handle.experiment_id,
+                       trial_name(study, row.trial_id))
+        if run is None:
+            continue
+        stopped_early = row.status == "TERMINATED" and row.epochs_done < epochs
+        if stopped_early:
+            client.set_tag(run.info.run_id, STOPPED_EARLY_TAG, "true")
+        status = "FAILED" if row.status == "ERROR" else "FINISHED"
+        if run.info.status == "RUNNING" or (stopped_early and run.info.status != status):
+            client.set_terminated(run.info.run_id, status)
+
+
+# --------------------------------------------------------------------------- outputs
+
+
+def results_table(result_grid: Any, space: TuneSpace) -> pd.DataFrame:
+    """One row per trial: id, status, epochs done, sampled values, best metric."""
+    rows = []
+    best_key = space.metric.replace("dev/", "dev/best_") if space.metric == "dev/rsum" \
+        else space.metric
+    for result in result_grid:
+        metrics = result.metrics or {}
+        history = result.metrics_dataframe
+        if history is not None and space.metric in history:
+            series = history[space.metric].dropna()
+            best = (series.max() if space.mode == "max" else series.min()) if len(series) \
+                else math.nan
+        else:
+            best = metrics.get(best_key, math.nan)
+        config = result.config or {}
+        rows.append({
+            # Tune adds trial_id to every result; a trial that failed before its first
+            # report has none, and its directory name is all there is.
+            "trial_id": metrics.get("trial_id") or Path(result.path).name,
+            "status": "ERROR" if result.error else "TERMINATED",
+            "epochs_done": int(metrics.get("epoch", -1)) + 1,
+            **{k: config.get(k) for k in space.keys},
+            space.metric: best,
+            "test/rsum": metrics.get("test/rsum", math.nan),
+        })
+    table = pd.DataFrame(rows)
+    return table.sort_values(space.metric, ascending=space.mode == "min",
+                             na_position="last").reset_index(drop=True)
+
+
+def plot_params(table: pd.DataFrame, space: TuneSpace, path: Path) -> None:
+    """One panel per searched parameter: sampled value vs the trial's best metric."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = space.keys
+    fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3.4), squeeze=False)
+    for ax, key in zip(axes[0], keys):
+        values = table[key]
+        numeric = pd.to_numeric(values, errors="coerce")
+        x = numeric if numeric.notna().all() else values.astype(str)
+        ax.scatter(x, table[space.metric], c=["tab:blue" if s == "TERMINATED" else "tab:red"
+                                             for s in table["status"]])
+        ax.set_xlabel(key)
+        ax.set_ylabel(f"best {space.metric}")
+        ax.grid(alpha=0.3)
+    fig.suptitle(f"{Path(space.path).name}: sampled values vs best {space.metric}")
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    tmp.replace(path)
+
+
+def write_best_config(spec: StudySpec, space: TuneSpace, table: pd.DataFrame,
+                      directory: Path) -> Path:
+    """The best trial's full config, as YAML that ``jobs/train.py --config`` accepts."""
+    best = table.iloc[0]
+    sampled = {k: best[k] for k in space.keys}
+    cfg = load_config(spec.config, [*spec.overrides, *as_overrides(sampled),
+                                    f"run.name={spec.name}-best"])
+    path = directory / "best_config.yaml"
+    header = (f"# Best trial {best['trial_id']} of study {spec.name!r}: "
+              f"{space.metric} {best[space.metric]:.2f}\n# python jobs/train.py --config "
+              f"{path}\n")
+    atomic_write_text(path, header + dump_yaml(cfg))
+    return path
+
+
+# --------------------------------------------------------------------------- driver
+
+
+def run_study(spec: StudySpec, *, resume: bool = False) -> StudyOutcome:
+    """Run (or continue) a study and write its outputs.
+
+    Raises:
+        ConfigError: bad space, config or resources, before any trial starts.
+    """
+    import ray
+    from ray import tune
+
+    from aoq.cluster.job import _connect_ray, check_config_against_data
+    from aoq.cluster.tracking import log_metrics
+    from aoq.data.prepare import prepare_data
+
+    cfg = load_config(spec.config, spec.overrides)
+    space = load_space(spec.space, spec.config, spec.overrides)
+    if spec.scheduler not in ("asha", "fifo"):
+        raise ConfigError(f"--scheduler {spec.scheduler!r}: use asha or fifo")
+    directory = study_dir(cfg, spec.name)
+    if (directory / STUDY_FILE).exists() and not resume:
+        raise ConfigError(f"study {spec.name!r} already exists at {directory}; resume it "
+                          f"with --resume {spec.name} or choose another --name")
+    prepared = prepare_data(cfg.data, progress=True)  # once, before any trial
+    check_config_against_data(cfg, prepared)
+    overrides = tuple(spec.overrides) + _shared_tables(cfg, prepared, directory)
+    _connect_ray(cfg)
+    limit = concurrency(cfg, spec, ray.cluster_resources().get("CPU", 0))
+    save_spec(spec, directory)  # only a study that can run is one that can be resumed
+    parent = open_parent_run(cfg, spec, space)
+    print(f"[tune] study {spec.name!r}: {len(space.params)} parameters from {spec.space}, "
+          f"{spec.samples} samples, {spec.scheduler}, up to {limit} trials at once; "
+          f"MLflow parent run {parent.run_id}", flush=True)
+    try:
+        ctx = TrialContext(spec.name, spec.config, overrides, tuple(space.keys),
+                           str(directory / "trials"), parent.run_id)
+        # Ray refuses an empty bundle; a little memory makes the 0-CPU trial placeable.
+        resources = {"cpu": spec.trial_cpus, "memory": TRIAL_MEMORY_BYTES}
+        trainable = tune.with_resources(tune.with_parameters(run_trial, ctx=ctx), resources)
+        tune_path = directory / "tune"
+        if resume and tune_path.exists():
+            tuner = tune.Tuner.restore(str(tune_path), trainable=trainable,
+                                       resume_unfinished=True, resume_errored=True)
+        else:
+            from ray.tune.search import BasicVariantGenerator
+
+            tuner = tune.Tuner(
+                trainable,
+                param_space={p.key: tune_distribution(p) for p in space.params},
+                tune_config=tune.TuneConfig(
+                    metric=space.metric, mode=space.mode, num_samples=spec.samples,
+                    scheduler=scheduler_for(spec, space, cfg.optim.epochs),
+                    max_concurrent_trials=limit,
+                    search_alg=BasicVariantGenerator(random_state=spec.seed)),
+                run_config=tune.RunConfig(name="tune", storage_path=str(directory),
+                                          verbose=1),
+            )
+        grid = tuner.fit()
+        table = results_table(grid, space)
+        close_trial_runs(parent, spec.name, table, cfg.optim.epochs)
+        best_path = write_best_config(spec, space, table, directory)
+        figure = directory / "params_vs_metric.png"
+        plot_params(table, space, figure)
+        summary = directory / "summary.csv"
+        atomic_write_text(summary, table.to_csv(index=False))
+        for path in (best_path, figure, summary):
+            log_artifact(parent, path)
+        best = table.iloc[0]
+        log_metrics(parent, {f"best/{space.metric}": float(best[space.metric]),
+                             "trials": float(len(table))}, step=0)
+    except BaseException:
+        end_run(parent, "FAILED")
+        raise
+    end_run(parent, "FINISHED")
+    with pd.option_context("display.width", 160, "display.max_columns", 20):
+        print(table.to_string(index=False), flush=True)
+    print(f"[tune] best config: {best_path}\n[tune] python jobs/train.py --config "
+          f"{best_path}", flush=True)
+    return StudyOutcome(str(directory), parent.run_id, table, str(best_path))
+
+
+def _shared_tables(cfg: Config, prepared: Any, directory: Path) -> tuple[str, ...]:
+    """Mine a first-round model's tables once for the whole study.
+
+    With ``negatives.source=checkpoint:<model>`` every trial would otherwise mine the
+    same tables again; they are mined here once and every trial reads them
+    (``tables:``). ``tables:`` sources are shared already; ``mine`` trains each
+    trial's own model, whose tables are necessarily its own.
+    """
+    from aoq.negatives.schedule import uses_offline
+
+    kind, path = parse_negative_source(cfg.negatives.source)
+    if kind != "checkpoint" or not uses_offline(cfg.loss):
+        return ()
+    from aoq.data.prepare import open_split
+    from aoq.negatives.checkpoints import mine_from_checkpoint
+    from aoq.negatives.tables import list_versions, save_tables, version_dir
+
+    root = directory / "shared_tables"
+    if list_versions(root):
+        return (f"negatives.source=tables:{version_dir(root, list_versions(root)[-1])}",)
+    start = time.perf_counter()
+    i2t, t2i, meta = mine_from_checkpoint(path, open_split(prepared, cfg.data.train_split),
+                                          cfg.negatives, vocab_size=prepared.vocab_size,
+                                          progress=True)
+    saved = save_tables(root, 1, i2t, t2i, **meta)
+    print(f"[tune] mined the study's shared tables once in "
+          f"{time.perf_counter() - start:.1f}s: {saved}", flush=True)
+    return (f"negatives.source=tables:{saved}",)

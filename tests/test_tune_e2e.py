@@ -1,0 +1,83 @@
+"""A Ray Tune study end to end: real trials (2-worker TorchTrainers), ASHA, real MLflow."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+
+from aoq.cluster.tune_study import StudySpec, run_study
+from aoq.config import load_config
+
+from conftest import small_overrides
+
+pytestmark = [pytest.mark.ray, pytest.mark.e2e]
+
+ROOT = Path(__file__).resolve().parents[1]
+EPOCHS = 2
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory: pytest.TempPathFactory, scenes_cache: Path, local_ray):
+    tmp = tmp_path_factory.mktemp("tune")
+    overrides = tuple(small_overrides(tmp, scenes_cache, "loss.variant=triplet",
+                                      f"optim.epochs={EPOCHS}"))
+    spec = StudySpec(name="margins", space=str(ROOT / "tune_spaces" / "margins.yaml"),
+                     overrides=overrides, samples=3, scheduler="asha", seed=0)
+    return tmp, spec, run_study(spec)
+
+
+def children(client: MlflowClient, parent) -> list:
+    return client.search_runs([parent.info.experiment_id],
+                              filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+
+
+def test_one_parent_run_and_one_nested_child_per_trial(study) -> None:
+    tmp, spec, outcome = study
+    client = MlflowClient(f"sqlite:///{tmp / 'mlflow.db'}")
+    parent = client.get_run(outcome.parent_run_id)
+    assert parent.info.status == "FINISHED"
+    assert parent.data.tags["study"] == "margins"
+    assert parent.data.params["study.scheduler"] == "asha"
+    assert parent.data.params["space.loss.margin_online"] == "quniform(0.05, 0.4, q=0.01)"
+    runs = children(client, parent)
+    assert len(runs) == 3 == len(outcome.table)
+    assert {r.data.tags["aoq.tune.trial_id"] for r in runs} == set(outcome.table["trial_id"])
+    for run in runs:
+        assert run.info.status == "FINISHED", run.data.tags
+        assert run.data.tags["study"] == "margins"
+        # The trial's sampled values are its params (the whole config is flattened).
+        sampled = float(run.data.tags["aoq.tune.param.loss.margin_online"])
+        assert float(run.data.params["loss.margin_online"]) == pytest.approx(sampled)
+        assert 0.05 <= sampled <= 0.4
+        history = client.get_metric_history(run.info.run_id, "dev/rsum")
+        stopped = run.data.tags.get("aoq.tune.stopped_early") == "true"
+        assert sorted(m.step for m in history) == ([0] if stopped else [0, 1])
+
+
+def test_outputs_best_config_summary_and_plot(study) -> None:
+    tmp, spec, outcome = study
+    best = outcome.table.iloc[0]
+    assert best["dev/rsum"] == outcome.table["dev/rsum"].max()
+    cfg = load_config(outcome.best_config_path)  # what jobs/train.py --config reads
+    assert cfg.loss.margin_online == pytest.approx(best["loss.margin_online"])
+    assert cfg.loss.margin_offline == pytest.approx(best["loss.margin_offline"])
+    assert yaml.safe_load(Path(outcome.best_config_path).read_text())["optim"]["epochs"] == EPOCHS
+    client = MlflowClient(f"sqlite:///{tmp / 'mlflow.db'}")
+    artifacts = {a.path for a in client.list_artifacts(outcome.parent_run_id)}
+    assert {"best_config.yaml", "summary.csv", "params_vs_metric.png",
+            "margins.yaml"} <= artifacts
+
+
+def test_a_study_that_cannot_fit_the_cluster_is_refused_before_any_trial(
+        tmp_path: Path, scenes_cache: Path, local_ray) -> None:
+    from aoq.config import ConfigError
+
+    spec = StudySpec(name="too-wide", space=str(ROOT / "tune_spaces" / "margins.yaml"),
+                     overrides=tuple(small_overrides(tmp_path, scenes_cache)),
+                     samples=2, max_concurrent=2)
+    with pytest.raises(ConfigError, match="--max-concurrent 2 trials x 2 CPUs each"):
+        run_study(spec)
+    assert not (tmp_path / "runs" / "studies" / "too-wide" / "tune").exists()
