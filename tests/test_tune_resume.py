@@ -1,0 +1,91 @@
+"""Kill a study's driver mid-way (SIGKILL) and resume it: no trial repeats, one run each."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from conftest import small_overrides
+
+pytestmark = [pytest.mark.ray, pytest.mark.e2e]
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def tune_command(*args: str) -> list[str]:
+    return [sys.executable, str(ROOT / "jobs" / "tune.py"), *args]
+
+
+def clean_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env.pop("RAY_ADDRESS", None)  # the driver starts its own local Ray
+    return env
+
+
+def wait_for(condition, timeout: float, what: str, proc: subprocess.Popen) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        if proc.poll() is not None:
+            raise AssertionError(f"driver exited ({proc.returncode}) before {what}")
+        time.sleep(0.5)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_a_killed_study_resumes_without_repeating_a_trial(tmp_path: Path,
+                                                          scenes_cache: Path) -> None:
+    overrides = small_overrides(tmp_path, scenes_cache, "loss.variant=triplet",
+                                "optim.epochs=3")
+    trials = tmp_path / "runs" / "studies" / "resumable" / "trials"
+    log = open(tmp_path / "driver.log", "w")
+    driver = subprocess.Popen(
+        tune_command("--space", str(ROOT / "tune_spaces" / "margins.yaml"), "--samples", "3",
+                     "--scheduler", "fifo", "--max-concurrent", "1", "--name", "resumable",
+                     *overrides),
+        stdout=log, stderr=subprocess.STDOUT, env=clean_env(), cwd=tmp_path)
+    try:
+        finished = lambda: sorted(trials.glob("*/test_metrics.json"))  # noqa: E731
+        wait_for(lambda: len(finished()) >= 1, 600, "the first trial finished", driver)
+        first_done = {p.parent.name: p.stat().st_mtime_ns for p in finished()}
+        # Kill while the next trial has trained (and checkpointed) at least one epoch.
+        wait_for(lambda: any(not (d / "test_metrics.json").exists()
+                             and list(d.glob("checkpoint_*")) for d in trials.iterdir()),
+                 600, "a second trial checkpointed", driver)
+        os.kill(driver.pid, signal.SIGKILL)
+        driver.wait(timeout=60)
+    finally:
+        if driver.poll() is None:
+            os.kill(driver.pid, signal.SIGKILL)
+            driver.wait()
+        log.close()
+
+    resumed = subprocess.run(tune_command("--resume", "resumable", *overrides),
+                             capture_output=True, text=True, env=clean_env(), cwd=tmp_path,
+                             timeout=900)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("aoq")
+    parents = client.search_runs([experiment.experiment_id],
+                                 filter_string="tags.`aoq.kind` = 'tune-study'")
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    runs = client.search_runs(
+        [experiment.experiment_id],
+        filter_string=f"tags.`mlflow.parentRunId` = '{parents[0].info.run_id}'")
+    trial_ids = [r.data.tags["aoq.tune.trial_id"] for r in runs]
+    assert len(runs) == 3 and len(set(trial_ids)) == 3  # one run per trial, no repeats
+    assert all(r.info.status == "FINISHED" for r in runs), [r.info.status for r in runs]
+    assert len(finished()) == 3  # every trial reached its test evaluation
+    # The trial that had finished before the kill was not trained again.
+    for name, mtime in first_done.items():
+        assert (trials / name / "test_metrics.json").stat().st_mtime_ns == mtime
+    # The interrupted trial reopened its own run and continued from its checkpoint.
+    assert sum(r.data.tags.get("aoq.resumed") == "true" for r in runs) >= 1
