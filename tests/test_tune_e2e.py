@@ -81,3 +81,65 @@ def test_a_study_that_cannot_fit_the_cluster_is_refused_before_any_trial(
     with pytest.raises(ConfigError, match="--max-concurrent 2 trials x 2 CPUs each"):
         run_study(spec)
     assert not (tmp_path / "runs" / "studies" / "too-wide" / "tune").exists()
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_the_mlflow_server_serves_what_the_compare_view_needs(study) -> None:
+    """A real `mlflow server` on loopback over the study's store, queried over REST."""
+    import json
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    tmp, spec, outcome = study
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    server = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri",
+         f"sqlite:///{tmp / 'mlflow.db'}", "--host", "127.0.0.1", "--port", str(port),
+         "--workers", "1"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+
+    def call(path: str, body: dict | None = None) -> dict:
+        data = json.dumps(body).encode() if body is not None else None
+        request = urllib.request.Request(base + path, data=data,
+                                         headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return json.loads(response.read())
+
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                urllib.request.urlopen(base + "/health", timeout=5).read()
+                break
+            except OSError:
+                if time.monotonic() > deadline or server.poll() is not None:
+                    raise
+                time.sleep(0.5)
+        parent = call(f"/api/2.0/mlflow/runs/get?run_id={outcome.parent_run_id}")["run"]
+        experiment_id = parent["info"]["experiment_id"]
+        found = call("/api/2.0/mlflow/runs/search", {
+            "experiment_ids": [experiment_id],
+            "filter": f"tags.`mlflow.parentRunId` = '{outcome.parent_run_id}'",
+        })["runs"]
+        assert len(found) == 3
+        for run in found:
+            params = {p["key"]: p["value"] for p in run["data"]["params"]}
+            assert {"loss.margin_online", "loss.margin_offline"} <= set(params)
+            history = call(f"/api/2.0/mlflow/metrics/get-history?run_id="
+                           f"{run['info']['run_id']}&metric_key=dev/rsum")["metrics"]
+            assert history and all("step" in m and "value" in m for m in history)
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)  # the server and the workers it started
+        server.wait(timeout=60)
