@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -22,11 +23,20 @@ EPOCHS = 2
 @pytest.fixture(scope="module")
 def study(tmp_path_factory: pytest.TempPathFactory, scenes_cache: Path, local_ray):
     tmp = tmp_path_factory.mktemp("tune")
-    overrides = tuple(small_overrides(tmp, scenes_cache, "loss.variant=triplet",
-                                      f"optim.epochs={EPOCHS}"))
+    # No tracking.uri: the default ./mlflow.db must resolve against the driver's working
+    # directory, not against the per-trial directories Tune runs trials in.
+    overrides = tuple(o for o in small_overrides(tmp, scenes_cache, "loss.variant=triplet",
+                                                 f"optim.epochs={EPOCHS}")
+                      if not o.startswith("tracking.uri="))
     spec = StudySpec(name="margins", space=str(ROOT / "tune_spaces" / "margins.yaml"),
                      overrides=overrides, samples=3, scheduler="asha", seed=0)
-    return tmp, spec, run_study(spec)
+    cwd = os.getcwd()
+    os.chdir(tmp)
+    try:
+        outcome = run_study(spec)
+    finally:
+        os.chdir(cwd)
+    return tmp, spec, outcome
 
 
 def children(client: MlflowClient, parent) -> list:

@@ -199,11 +199,14 @@ def _log_outputs(handle: RunHandle, output_dir: Path) -> None:
 
 
 def run_training(cfg: Config, *, tags: dict[str, str] | None = None,
-                 callbacks: Sequence[Any] = ()) -> TrainingOutcome:
+                 callbacks: Sequence[Any] = (), record_failure: bool = True
+                 ) -> TrainingOutcome:
     """Train, evaluate and record one job; returns the final test metrics.
 
     ``tags`` are added to the MLflow run (a Tune trial adds its parent run and study);
-    ``callbacks`` go to the TorchTrainer.
+    ``callbacks`` go to the TorchTrainer. With ``record_failure=False`` an exception
+    leaves the run's status to the caller: a Tune trial stopped early by its scheduler
+    ends in an exception too, and only the study driver knows which it was.
 
     Raises:
         ConfigError / DataError: before anything runs, for bad config or data.
@@ -236,10 +239,12 @@ def run_training(cfg: Config, *, tags: dict[str, str] | None = None,
         test_metrics = json.loads((output_dir / TEST_METRICS_FILE).read_text())
         _log_outputs(handle, output_dir)
     except KeyboardInterrupt:
-        end_run(handle, "KILLED")
+        if record_failure:
+            end_run(handle, "KILLED")
         raise
     except BaseException:
-        end_run(handle, "FAILED")
+        if record_failure:
+            end_run(handle, "FAILED")
         raise
     end_run(handle, "FINISHED")
     return TrainingOutcome(run_name, handle.run_id, str(output_dir), test_metrics,

@@ -180,7 +180,8 @@ def run_trial(config: dict[str, Any], ctx: TrialContext) -> None:
     tags = {"mlflow.parentRunId": ctx.parent_run_id, STUDY_TAG: ctx.study,
             "aoq.tune.trial_id": trial_id,
             **{f"aoq.tune.param.{k}": str(v) for k, v in sampled.items()}}
-    run_training(cfg, tags=tags, callbacks=[TuneReportCallback()])
+    # The driver sets the final status of a failed or stopped trial (close_trial_runs).
+    run_training(cfg, tags=tags, callbacks=[TuneReportCallback()], record_failure=False)
 
 
 def scheduler_for(spec: StudySpec, space: TuneSpace, epochs: int) -> Any:
@@ -252,7 +253,7 @@ def close_trial_runs(handle: RunHandle, study: str, rows: pd.DataFrame, epochs: 
         if stopped_early:
             client.set_tag(run.info.run_id, STOPPED_EARLY_TAG, "true")
         status = "FAILED" if row.status == "ERROR" else "FINISHED"
-        if run.info.status == "RUNNING" or (stopped_early and run.info.status != status):
+        if run.info.status != status:
             client.set_terminated(run.info.run_id, status)
 
 
@@ -315,13 +316,28 @@ def plot_params(table: pd.DataFrame, space: TuneSpace, path: Path) -> None:
     tmp.replace(path)
 
 
+def write_base_config(cfg: Config, directory: Path) -> Path:
+    """The study's resolved config, which every trial starts from.
+
+    Trials run in Tune's per-trial working directories, so anything resolved against
+    the working directory (relative paths, the default ``./mlflow.db``) must be resolved
+    here, on the driver, once: every path in this file is absolute.
+    """
+    tracking = dataclasses.replace(cfg.tracking, uri=resolve_tracking_uri(cfg.tracking))
+    resolved = dataclasses.replace(cfg, tracking=tracking)
+    path = directory / "base_config.yaml"
+    directory.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, dump_yaml(resolved))
+    return path
+
+
 def write_best_config(spec: StudySpec, space: TuneSpace, table: pd.DataFrame,
                       directory: Path) -> Path:
     """The best trial's full config, as YAML that ``jobs/train.py --config`` accepts."""
     best = table.iloc[0]
     sampled = {k: best[k] for k in space.keys}
-    cfg = load_config(spec.config, [*spec.overrides, *as_overrides(sampled),
-                                    f"run.name={spec.name}-best"])
+    cfg = load_config(directory / "base_config.yaml",
+                      [*as_overrides(sampled), f"run.name={spec.name}-best"])
     path = directory / "best_config.yaml"
     header = (f"# Best trial {best['trial_id']} of study {spec.name!r}: "
               f"{space.metric} {best[space.metric]:.2f}\n# python jobs/train.py --config "
@@ -356,7 +372,8 @@ def run_study(spec: StudySpec, *, resume: bool = False) -> StudyOutcome:
                           f"with --resume {spec.name} or choose another --name")
     prepared = prepare_data(cfg.data, progress=True)  # once, before any trial
     check_config_against_data(cfg, prepared)
-    overrides = tuple(spec.overrides) + _shared_tables(cfg, prepared, directory)
+    base_config = write_base_config(cfg, directory)
+    overrides = _shared_tables(cfg, prepared, directory)
     _connect_ray(cfg)
     limit = concurrency(cfg, spec, ray.cluster_resources().get("CPU", 0))
     save_spec(spec, directory)  # only a study that can run is one that can be resumed
@@ -365,7 +382,7 @@ def run_study(spec: StudySpec, *, resume: bool = False) -> StudyOutcome:
           f"{spec.samples} samples, {spec.scheduler}, up to {limit} trials at once; "
           f"MLflow parent run {parent.run_id}", flush=True)
     try:
-        ctx = TrialContext(spec.name, spec.config, overrides, tuple(space.keys),
+        ctx = TrialContext(spec.name, str(base_config), overrides, tuple(space.keys),
                            str(directory / "trials"), parent.run_id)
         # Ray refuses an empty bundle; a little memory makes the 0-CPU trial placeable.
         resources = {"cpu": spec.trial_cpus, "memory": TRIAL_MEMORY_BYTES}
@@ -383,8 +400,11 @@ def run_study(spec: StudySpec, *, resume: bool = False) -> StudyOutcome:
                 tune_config=tune.TuneConfig(
                     metric=space.metric, mode=space.mode, num_samples=spec.samples,
                     scheduler=scheduler_for(spec, space, cfg.optim.epochs),
-                    max_concurrent_trials=limit,
-                    search_alg=BasicVariantGenerator(random_state=spec.seed)),
+                    # Tune ignores max_concurrent_trials when given a search generator
+                    # (it warns, then runs every trial at once and the trainers starve
+                    # for workers): the generator itself must cap concurrency.
+                    search_alg=BasicVariantGenerator(random_state=spec.seed,
+                                                     max_concurrent=limit)),
                 run_config=tune.RunConfig(name="tune", storage_path=str(directory),
                                           verbose=1),
             )
