@@ -153,3 +153,25 @@ def test_the_mlflow_server_serves_what_the_compare_view_needs(study) -> None:
     finally:
         os.killpg(server.pid, signal.SIGTERM)  # the server and the workers it started
         server.wait(timeout=60)
+
+
+def test_a_range_wider_than_the_shared_tables_is_refused_before_any_trial(
+        tmp_path: Path, scenes_cache: Path) -> None:
+    """A sweep over h shares one set of tables; an h they cannot serve stops the study."""
+    import numpy as np
+
+    from aoq.config import ConfigError
+    from aoq.negatives.tables import save_tables
+
+    n_images, cpi, width = 240, 5, 60
+    # Valid tables (no positives) of the small training split, 60 candidates wide.
+    i2t = (5 * np.arange(n_images)[:, None] + 5 + np.arange(width)) % (n_images * cpi)
+    t2i = (np.arange(n_images * cpi)[:, None] // cpi + 1 + np.arange(12)) % n_images
+    tables = save_tables(tmp_path / "tables", 1, i2t.astype(np.int64), t2i.astype(np.int32))
+    space = tmp_path / "h.yaml"
+    space.write_text("params:\n  negatives.sampling_range: "
+                     "{distribution: grid, values: [10, 100]}\n")
+    spec = StudySpec(name="h", space=str(space), samples=1, overrides=tuple(small_overrides(
+        tmp_path, scenes_cache, "loss.variant=offtri", f"negatives.source=tables:{tables}")))
+    with pytest.raises(ConfigError, match="reaches 100, but the shared tables at .* have 60"):
+        run_study(spec)

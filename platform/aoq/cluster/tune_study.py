@@ -374,6 +374,8 @@ def run_study(spec: StudySpec, *, resume: bool = False) -> StudyOutcome:
     check_config_against_data(cfg, prepared)
     base_config = write_base_config(cfg, directory)
     overrides = _shared_tables(cfg, prepared, directory)
+    _check_table_width(space, overrides or (f"negatives.source={cfg.negatives.source}",),
+                       cfg, prepared)
     _connect_ray(cfg)
     limit = concurrency(cfg, spec, ray.cluster_resources().get("CPU", 0))
     save_spec(spec, directory)  # only a study that can run is one that can be resumed
@@ -430,6 +432,26 @@ def run_study(spec: StudySpec, *, resume: bool = False) -> StudyOutcome:
     print(f"[tune] best config: {best_path}\n[tune] python jobs/train.py --config "
           f"{best_path}", flush=True)
     return StudyOutcome(str(directory), parent.run_id, table, str(best_path))
+
+
+def _check_table_width(space: TuneSpace, source_override: tuple[str, ...], cfg: Config,
+                       prepared: Any) -> None:
+    """Every sampled h must fit the shared tables; say so before any trial starts."""
+    from aoq.negatives.schedule import uses_offline
+    from aoq.negatives.tables import load_tables
+
+    kind, path = parse_negative_source(source_override[0].split("=", 1)[1])
+    if kind != "tables" or not uses_offline(cfg.loss):
+        return
+    train = prepared.splits[cfg.data.train_split]
+    width = load_tables(path, n_images=train.n_images,
+                        captions_per_image=prepared.captions_per_image).i2t.shape[1]
+    ranges = [max(p.probe_values()) for p in space.params
+              if p.key == "negatives.sampling_range"] or [cfg.negatives.sampling_range]
+    if max(ranges) > width:
+        raise ConfigError(f"{space.path}: params.negatives.sampling_range reaches "
+                          f"{max(ranges)}, but the shared tables at {path} have {width} "
+                          "columns; mine them with negatives.k_captions >= the largest h")
 
 
 def _shared_tables(cfg: Config, prepared: Any, directory: Path) -> tuple[str, ...]:
