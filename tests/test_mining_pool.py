@@ -43,22 +43,24 @@ def setup(tmp_path_factory: pytest.TempPathFactory, scenes_cache: Path, local_ra
     return tmp, cfg, prepared, model, reference
 
 
-def new_pool(cfg, prepared, actors: int = 2, shards: int = 6) -> MiningPool:
+def new_pool(cfg, prepared, actors: int = 2, shards: int = 6, worker=None) -> MiningPool:
     import dataclasses
 
     return MiningPool(PoolSpec(actors=actors, shards=shards, embed_batch=EMBED_BATCH),
-                      prepared, "train",
-                      dataclasses.asdict(cfg.model))
+                      prepared, "train", dataclasses.asdict(cfg.model), worker=worker)
+
+
+def mine_and_shut_down(pool: MiningPool, cfg, model) -> tuple[np.ndarray, np.ndarray]:
+    try:
+        return pool.mine(model.state_dict(), 1, cfg.negatives.k_captions,
+                         cfg.negatives.k_images)
+    finally:
+        pool.shutdown()
 
 
 def test_pool_tables_equal_single_process_mining(setup) -> None:
     _, cfg, prepared, model, (i2t, t2i) = setup
-    pool = new_pool(cfg, prepared)
-    try:
-        got_i2t, got_t2i = pool.mine(model.state_dict(), 1, cfg.negatives.k_captions,
-                                     cfg.negatives.k_images)
-    finally:
-        pool.shutdown()
+    got_i2t, got_t2i = mine_and_shut_down(new_pool(cfg, prepared), cfg, model)
     assert np.array_equal(got_i2t, i2t) and np.array_equal(got_t2i, t2i)
 
 
@@ -120,8 +122,6 @@ def test_a_pool_the_cluster_cannot_place_is_refused_before_training(setup, overr
 
 
 def test_an_application_error_in_a_shard_is_retried(setup) -> None:
-    import dataclasses
-
     # Defined here so that Ray pickles it by value: tests/ is not importable in workers.
     class FlakyWorker(MiningWorker):
         """Fails its first call of each phase, as a transient memory or CUDA error would."""
@@ -144,11 +144,6 @@ def test_an_application_error_in_a_shard_is_retried(setup) -> None:
             return super().topk(*args, **kwargs)
 
     _, cfg, prepared, model, (i2t, t2i) = setup
-    pool = MiningPool(PoolSpec(actors=2, shards=6, embed_batch=EMBED_BATCH), prepared,
-                      "train", dataclasses.asdict(cfg.model), worker=FlakyWorker)
-    try:
-        got_i2t, got_t2i = pool.mine(model.state_dict(), 1, cfg.negatives.k_captions,
-                                     cfg.negatives.k_images)
-    finally:
-        pool.shutdown()
+    got_i2t, got_t2i = mine_and_shut_down(new_pool(cfg, prepared, worker=FlakyWorker),
+                                          cfg, model)
     assert np.array_equal(got_i2t, i2t) and np.array_equal(got_t2i, t2i)

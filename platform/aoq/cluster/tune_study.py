@@ -374,8 +374,8 @@ def run_study(spec: StudySpec, *, resume: bool = False) -> StudyOutcome:
     check_config_against_data(cfg, prepared)
     base_config = write_base_config(cfg, directory)
     overrides = _shared_tables(cfg, prepared, directory)
-    _check_table_width(space, overrides or (f"negatives.source={cfg.negatives.source}",),
-                       cfg, prepared)
+    shared_source = overrides[0].split("=", 1)[1] if overrides else cfg.negatives.source
+    _check_table_width(space, shared_source, cfg, prepared)
     _connect_ray(cfg)
     limit = concurrency(cfg, spec, ray.cluster_resources().get("CPU", 0))
     save_spec(spec, directory)  # only a study that can run is one that can be resumed
@@ -434,13 +434,12 @@ def run_study(spec: StudySpec, *, resume: bool = False) -> StudyOutcome:
     return StudyOutcome(str(directory), parent.run_id, table, str(best_path))
 
 
-def _check_table_width(space: TuneSpace, source_override: tuple[str, ...], cfg: Config,
-                       prepared: Any) -> None:
+def _check_table_width(space: TuneSpace, source: str, cfg: Config, prepared: Any) -> None:
     """Every sampled h must fit the shared tables; say so before any trial starts."""
     from aoq.negatives.schedule import uses_offline
     from aoq.negatives.tables import load_tables
 
-    kind, path = parse_negative_source(source_override[0].split("=", 1)[1])
+    kind, path = parse_negative_source(source)
     if kind != "tables" or not uses_offline(cfg.loss):
         return
     train = prepared.splits[cfg.data.train_split]
