@@ -3,14 +3,18 @@
     python jobs/evaluate.py --checkpoint outputs/<run>/best_model.pt
     python jobs/evaluate.py --checkpoint a/best_model.pt --checkpoint b/best_model.pt \
         data.dataset=/data/coco_precomp data.test_split=testall data.test_folds=5
+    python jobs/evaluate.py --checkpoint scan/best_model.pt --pool-actors 4   # shards on Ray
 
 An ensemble averages the models' score matrices, as the paper's reported numbers do;
-results are labelled "single model" or "ensemble of N".
+results are labelled "single model" or "ensemble of N". The score matrix is computed in
+shards of image rows (cross-attention models score every pair by attention), with
+progress, locally or spread over an actor pool.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Sequence
 
 from aoq.cli import config_parser, load_from_args, run_cli
@@ -20,33 +24,35 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = config_parser(__doc__.strip().splitlines()[0])
     parser.add_argument("--checkpoint", action="append", required=True,
                         help="a best_model.pt; repeat for an ensemble")
+    parser.add_argument("--pool-actors", type=int, default=0,
+                        help="score shards on N Ray actors (0 = in this process)")
+    parser.add_argument("--pool-threads", type=int, default=1, help="torch threads per actor")
+    parser.add_argument("--shard-images", type=int, default=1024, help="images per shard")
+    parser.add_argument("--scores-out", help="keep the score matrix in this .npy (memory-mapped)")
     parser.add_argument("--json", help="also write the metrics to this JSON file")
     args = parser.parse_args(argv)
     cfg = load_from_args(args)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
 
-    from aoq.data.prepare import open_split, prepare_data
+    from aoq.cluster.ensemble import ensemble_label, ensemble_scores
+    from aoq.data.prepare import prepare_data
     from aoq.evaluation import format_metrics_table, retrieval_metrics
-    from aoq.evaluation.encode import score_split
-    from aoq.training.checkpoint import load_model
 
     prepared = prepare_data(cfg.data, progress=True)
-    split = open_split(prepared, cfg.data.test_split)
-    total = None
-    for path in args.checkpoint:
-        model, record = load_model(path)
-        if record["vocab_size"] != prepared.vocab_size:
-            raise SystemExit(f"error: {path} was trained with a {record['vocab_size']}-word "
-                             f"vocabulary; this data's has {prepared.vocab_size}")
-        scores = score_split(model, split)
-        total = scores if total is None else total + scores
-    assert total is not None
-    metrics = retrieval_metrics(total / len(args.checkpoint), folds=cfg.data.test_folds)
-    label = "single model" if len(args.checkpoint) == 1 else f"ensemble of {len(args.checkpoint)}"
+    try:
+        scores = ensemble_scores(args.checkpoint, prepared, cfg.data.test_split,
+                                 pool_actors=args.pool_actors, pool_threads=args.pool_threads,
+                                 shard_images=args.shard_images, out_path=args.scores_out)
+    except ValueError as exc:
+        raise SystemExit(f"error: {exc}") from None
+    metrics = retrieval_metrics(scores, folds=cfg.data.test_folds)
+    label = ensemble_label(len(args.checkpoint))
     folds = f", {cfg.data.test_folds}-fold" if cfg.data.test_folds > 1 else ""
     print(format_metrics_table(metrics, title=f"{cfg.data.test_split}{folds} ({label})"))
     if args.json:
         with open(args.json, "w") as fh:
-            json.dump({"evaluation": label, **metrics}, fh, indent=2)
+            json.dump({"evaluation": label, "checkpoints": list(args.checkpoint), **metrics},
+                      fh, indent=2)
     return 0
 
 

@@ -154,7 +154,8 @@ def test_epoch_sampler_shards_disjointly_and_reshuffles() -> None:
 
 def test_encode_split_respects_max_images() -> None:
     from aoq.config import ModelConfig
-    from aoq.evaluation.encode import encode_split, score_split
+    from aoq.evaluation.encode import encode_split
+    from aoq.evaluation.scoring import score_split
     from aoq.models import build_model
 
     split = tiny_split(12)

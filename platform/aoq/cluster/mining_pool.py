@@ -24,6 +24,7 @@ import numpy as np
 
 from aoq.data.prepare import PreparedData, open_split
 from aoq.evaluation.encode import encode_range
+from aoq.evaluation.scoring import allocate_scores, plan_score_shards, score_rows
 from aoq.negatives.shards import Shard, mine_shard, plan_shards
 
 log = logging.getLogger("aoq.mining")
@@ -68,7 +69,9 @@ class MiningWorker:
         from aoq.models import build_model
 
         torch.set_num_threads(max(1, threads))
+        self.prepared = prepared
         self.split = open_split(prepared, split)
+        self.splits = {split: self.split}
         cfg = section_from_dict(ModelConfig, model_cfg, prefix="model.")
         self.model = build_model(cfg, prepared.vocab_size, prepared.feature_dim)
         self.model.eval()
@@ -102,6 +105,16 @@ class MiningWorker:
                                         batch_size=batch_size)
         return images.float().cpu().numpy(), captions.float().cpu().numpy()
 
+    def score_rows(self, version: Any, weights: dict[str, Any], split: str, shard: Shard,
+                   n_images: int, batch_size: int) -> np.ndarray:
+        """(shard images, cpi * n_images) scores of one row shard of ``split`` (see
+        :func:`aoq.evaluation.scoring.score_rows`)."""
+        self._load(version, weights)
+        if split not in self.splits:
+            self.splits[split] = open_split(self.prepared, split)
+        return score_rows(self.model, self.splits[split], shard.start, shard.stop,
+                          n_images=n_images, batch_size=batch_size)
+
     def topk(self, shard: Shard, image_emb: np.ndarray, caption_emb: np.ndarray,
              k_captions: int, k_images: int) -> tuple[np.ndarray, np.ndarray]:
         return mine_shard(shard, image_emb, caption_emb, k_captions, k_images,
@@ -121,6 +134,8 @@ class MiningPool:
 
         self.spec = spec
         self.n_images = prepared.splits[split].n_images
+        self.captions_per_image = prepared.captions_per_image
+        self._scorings = 0
         options: dict[str, Any] = dict(num_cpus=spec.cpus, num_gpus=spec.gpus,
                                        max_restarts=spec.max_restarts,
                                        max_task_retries=spec.max_task_retries)
@@ -141,9 +156,13 @@ class MiningPool:
         return len(self.actors)
 
     def _run_phase(self, name: str, shards: Sequence[Shard],
-                   call: Callable[[Any, Shard], Any]) -> dict[int, Any]:
+                   call: Callable[[Any, Shard], Any],
+                   sink: Callable[[Shard, Any], None] | None = None) -> dict[int, Any]:
         """Run ``call(actor, shard)`` for every shard, each actor taking the next shard
-        as soon as it is free; log progress. A failure after Ray's retries raises."""
+        as soon as it is free; log progress. A failure after Ray's retries raises.
+
+        Results are returned by shard index, or handed to ``sink(shard, result)`` as
+        they arrive (and not kept) when a sink is given."""
         import ray
 
         pending = list(shards)
@@ -159,12 +178,17 @@ class MiningPool:
                 running[call(self.actors[slot], shard)] = (slot, shard)
             done, _ = ray.wait(list(running), num_returns=1)
             slot, shard = running.pop(done[0])
-            results[shard.index] = ray.get(done[0])
+            value = ray.get(done[0])
+            if sink is None:
+                results[shard.index] = value
+            else:
+                sink(shard, value)
+                results[shard.index] = None
             free.append(slot)
             elapsed = time.perf_counter() - start
             if len(results) == len(shards) or elapsed - last_log >= PROGRESS_SECONDS:
                 last_log = elapsed
-                log.info(f"mining {name}: shard {len(results)}/{len(shards)} "
+                log.info(f"pool {name}: shard {len(results)}/{len(shards)} "
                          f"({len(results) / elapsed:.2f} shards/s, {elapsed:.1f}s)")
         return results
 
@@ -176,16 +200,40 @@ class MiningPool:
         shards = plan_shards(self.n_images, self.spec.shards or 2 * len(self.actors),
                              align=self.spec.embed_batch)
         weights_ref = ray.put({k: v.detach().cpu() for k, v in weights.items()})
-        embedded = self._run_phase("embed", shards, lambda actor, shard: self._retrying(actor.embed).remote(
+        embedded = self._run_phase("mining embed", shards, lambda actor, shard: self._retrying(actor.embed).remote(
             version, weights_ref, shard, self.spec.embed_batch))
         image_emb = np.concatenate([embedded[s.index][0] for s in shards])
         caption_emb = np.concatenate([embedded[s.index][1] for s in shards])
         images_ref, captions_ref = ray.put(image_emb), ray.put(caption_emb)
-        rows = self._run_phase("top-K", shards, lambda actor, shard: self._retrying(actor.topk).remote(
+        rows = self._run_phase("mining top-K", shards, lambda actor, shard: self._retrying(actor.topk).remote(
             shard, images_ref, captions_ref, k_captions, k_images))
         i2t = np.concatenate([rows[s.index][0] for s in shards])
         t2i = np.concatenate([rows[s.index][1] for s in shards])
         return i2t, t2i
+
+    def score_split(self, weights: dict[str, Any], split: str, n_images: int, *,
+                    shard_images: int, out_path: str | None = None) -> np.ndarray:
+        """The (n_images, cpi * n_images) score matrix of ``split``'s first ``n_images``
+        images under ``weights``, one row shard per actor call, rows streamed into RAM or
+        into the memory-mapped ``out_path`` as shards finish."""
+        import ray
+
+        self._scorings += 1
+        version = f"scoring-{self._scorings}"  # never equal to a mining version
+        shards = plan_score_shards(n_images, shard_images, self.spec.embed_batch)
+        out = allocate_scores((n_images, self.captions_per_image * n_images), out_path)
+        weights_ref = ray.put({k: v.detach().cpu() for k, v in weights.items()})
+
+        def sink(shard: Shard, rows: np.ndarray) -> None:
+            out[shard.start:shard.stop] = rows
+
+        self._run_phase(f"scoring {split}", shards,
+                        lambda actor, shard: self._retrying(actor.score_rows).remote(
+                            version, weights_ref, split, shard, n_images,
+                            self.spec.embed_batch), sink=sink)
+        if isinstance(out, np.memmap):
+            out.flush()
+        return out
 
     def shutdown(self) -> None:
         import ray

@@ -29,7 +29,7 @@ from aoq.config import Config, config_from_dict
 from aoq.data.batches import EpochBatchSampler, PairDataset, make_loader
 from aoq.data.prepare import PreparedData, open_split
 from aoq.evaluation import retrieval_metrics
-from aoq.evaluation.encode import score_split
+from aoq.evaluation.scoring import n_scored_images, score_split
 from aoq.losses import AOQLoss
 from aoq.models import build_model
 from aoq.negatives.from_model import mine_from_model
@@ -385,6 +385,32 @@ class WorkerSession:
         # and time attribute in every result, this one included.
         self.report({**self.last_metrics, "final": 1, **metrics})
 
+    def _score_test(self, core, test) -> np.ndarray:
+        """Rank 0: the test score matrix, shard by shard with progress; spread over an
+        actor pool for a cross-attention model when ``negatives.pool_actors > 0`` (its
+        pairs cost an attention pass each, a global model's a dot product)."""
+        split_name = self.cfg.data.test_split
+        n_images = n_scored_images(test, 0)
+
+        def progress(done: int, total: int) -> None:
+            log.info(f"scoring {split_name}: shard {done}/{total}")
+
+        neg = self.cfg.negatives
+        if core.has_global_embedding or neg.pool_actors == 0:
+            return score_split(core, test, progress=progress)
+        from aoq.cluster.mining_pool import MiningPool, PoolSpec
+
+        pool = MiningPool(PoolSpec(actors=neg.pool_actors, cpus=neg.pool_cpus,
+                                   gpus=neg.pool_gpus, threads=neg.pool_threads),
+                          self.prepared, self.cfg.data.train_split,
+                          dataclasses.asdict(self.cfg.model),
+                          name=f"{POOL_NAME_PREFIX}{self.output_dir.name}-eval-{os.getpid()}")
+        try:
+            return pool.score_split(core.state_dict(), split_name, n_images,
+                                    shard_images=max(1, -(-n_images // (2 * len(pool)))))
+        finally:
+            pool.shutdown()
+
     def evaluate_test(self) -> dict[str, float]:
         from aoq.evaluation import plot_recall_curves, ranks_i2t, ranks_t2i, recall_curve
 
@@ -393,7 +419,7 @@ class WorkerSession:
         if best.exists():
             core.load_state_dict(load_file(best)["model"])
         test = open_split(self.prepared, self.cfg.data.test_split)
-        scores = score_split(core, test)
+        scores = self._score_test(core, test)
         result = retrieval_metrics(scores, folds=self.cfg.data.test_folds)
         curves = {"image→text": recall_curve(ranks_i2t(scores)),
                   "text→image": recall_curve(ranks_t2i(scores))}

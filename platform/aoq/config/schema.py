@@ -100,13 +100,43 @@ class ModelConfig:
     word_dim: int = opt(128, "word embedding size (paper: 300)", min=8)
     img_dim: int = opt(0, "region feature size; 0 infers it from the data", min=0)
     text_layers: int = opt(1, "GRU layers of the text encoder", min=1)
-    bidirectional: bool = opt(False, "bidirectional GRU (outputs averaged)")
+    bidirectional: bool = opt(
+        False, "bidirectional GRU, outputs averaged (vse only: scan, bfan and vse_gpo use a "
+        "BiGRU and vsrn a GRU, as their authors' released configurations)")
     image_pooling: str = opt(
         "max", "how region embeddings become one image embedding", choices=("mean", "max")
     )
     image_mlp: bool = opt(
         True, "add a 2-layer MLP residual on each projected region (as VSE-infinity)"
     )
+    # SCAN and BFAN (cross attention; no global embedding)
+    scan_direction: str = opt(
+        "t2i", "scan: words attend over regions (t2i) or regions over words (i2t)",
+        choices=("t2i", "i2t"))
+    aggregation: str = opt(
+        "mean", "scan: pool the per-query similarities by their mean or by LogSumExp",
+        choices=("mean", "lse"))
+    lambda_softmax: float = opt(
+        0.0, "scan/bfan: inverse attention temperature; 0 = the authors' default (scan t2i "
+        "9, scan i2t 4, bfan 20)", min=0.0)
+    lambda_lse: float = opt(6.0, "scan: LogSumExp sharpness (aggregation=lse)", gt=0.0)
+    focal_type: str = opt(
+        "equal", "bfan: focal attention with equal or probability-weighted fragment "
+        "confidence", choices=("equal", "prob"))
+    # VSE-infinity (vse_gpo)
+    gpo_pe_dim: int = opt(32, "vse_gpo: positional-encoding size inside GPO (even)", min=2)
+    gpo_hidden: int = opt(32, "vse_gpo: GPO's BiGRU hidden size", min=1)
+    region_dropout: float = opt(
+        0.2, "vse_gpo: probability of dropping each region in training (size "
+        "augmentation)", min=0.0, max=0.9)
+    # VSRN
+    gcn_layers: int = opt(4, "vsrn: region-relation reasoning layers", min=1)
+    caption_loss_weight: float = opt(
+        1.0, "vsrn: weight of the auxiliary caption-generation loss; 0 removes the "
+        "captioner", min=0.0)
+    caption_hidden: int = opt(512, "vsrn: captioner GRU size", min=8)
+    caption_word_dim: int = opt(300, "vsrn: captioner word embedding size", min=8)
+    caption_max_len: int = opt(60, "vsrn: longest caption (tokens) the captioner learns", min=3)
 
 
 @dataclass

@@ -67,6 +67,8 @@ def _cross_problems(cfg: Config) -> list[str]:
             f"{cfg.optim.epochs}, or loss.variant={loss.variant!r} would never see an offline "
             "negative"
         )
+    if cfg.model.gpo_pe_dim % 2:
+        problems.append(f"model.gpo_pe_dim={cfg.model.gpo_pe_dim}: must be even (sin/cos pairs)")
     if data.dataset == "scenes" and data.scenes.n_test % data.test_folds:
         problems.append(
             f"data.test_folds={data.test_folds}: must divide data.scenes.n_test="
@@ -80,12 +82,20 @@ def _cross_problems(cfg: Config) -> list[str]:
             f"{data.scenes.n_train * data.captions_per_image} captions"
         )
     try:
-        from aoq.models import available_models
+        from aoq.models.registry import available_models, has_global_embedding
 
         names = available_models()
         if cfg.model.name not in names:
             problems.append(f"model.name={cfg.model.name!r}: must be one of "
                             f"{', '.join(map(repr, names))}")
+        elif loss.variant != "triplet" and kind == "mine" and not has_global_embedding(
+                cfg.model.name):
+            problems.append(
+                f"negatives.source='mine': model.name={cfg.model.name!r} scores pairs by cross "
+                "attention and has no global embedding to mine the whole training set with; "
+                "train a vse, vse_gpo or vsrn model first and set negatives.source="
+                "checkpoint:<its best_model.pt> (the authors mined BFAN's negatives with VSRN), "
+                "or negatives.source=tables:<dir>")
     except ImportError:  # pragma: no cover - aoq.models always ships with aoq
         pass
     return problems

@@ -1,11 +1,13 @@
-"""Encode a split with a model and score it, in batches, without gradients.
+"""Encode (parts of) a split with a model, in batches, in eval mode, without gradients.
 
-Global-embedding models score the split with one matrix product; the score matrix of a
-1000-image test split is 1000 x 5000 floats (20 MB), and COCO 5K's is 500 MB, so it is
-built in image-row blocks with the caption encodings kept once.
+Batches always sit on a grid fixed by the split (see :func:`encode_range`), so any range
+aligned to the batch size encodes bit-identically wherever it is computed.
 """
 
 from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import numpy as np
 import torch
@@ -18,7 +20,48 @@ def _device_of(model: torch.nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
-@torch.no_grad()
+@contextmanager
+def eval_mode(model: torch.nn.Module) -> Iterator[None]:
+    """Eval mode (no dropout, BatchNorm running stats) and no gradients, restored after."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        model.train(was_training)
+
+
+def _grid(start: int, stop: int, batch_size: int):
+    """(a, b) image ranges of the batches covering [start, stop) on the split's grid."""
+    for lo in range(start - start % batch_size, stop, batch_size):
+        yield max(lo, start), min(lo + batch_size, stop)
+
+
+def encode_images_range(model: RetrievalModel, split: SplitArrays, start: int, stop: int,
+                        *, batch_size: int = 256) -> torch.Tensor:
+    """(stop - start, ...) encodings of images ``[start, stop)`` (see :func:`encode_range`)."""
+    device = _device_of(model)
+    with eval_mode(model):
+        parts = [model.encode_images(torch.from_numpy(
+            np.array(split.images[a:b], dtype=np.float32)).to(device))
+            for a, b in _grid(start, stop, batch_size)]
+        return model.concat_encodings(parts)
+
+
+def encode_captions_range(model: RetrievalModel, split: SplitArrays, start: int, stop: int,
+                          *, batch_size: int = 256) -> torch.Tensor:
+    """(cpi * (stop - start), ...) encodings of the captions of images ``[start, stop)``."""
+    device = _device_of(model)
+    cpi = split.captions_per_image
+    parts = []
+    with eval_mode(model):
+        for a, b in _grid(start, stop, batch_size):
+            tokens, lengths = split.tokens.batch(np.arange(a * cpi, b * cpi))
+            parts.append(model.encode_captions(tokens.to(device), lengths.to(device)))
+        return model.concat_encodings(parts)
+
+
 def encode_range(
     model: RetrievalModel,
     split: SplitArrays,
@@ -27,7 +70,7 @@ def encode_range(
     *,
     batch_size: int = 256,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Encodings of images ``[start, stop)`` and of their captions.
+    """Encodings of images ``[start, stop)`` and of their captions, in eval mode.
 
     Batches are cut on a grid fixed by the split, not by the range: batch b always holds
     images ``[b * batch_size, (b + 1) * batch_size)`` and their ``cpi * batch_size``
@@ -40,22 +83,8 @@ def encode_range(
         (stop - start, ...) image encodings and (cpi * (stop - start), ...) caption
         encodings, on the model's device.
     """
-    device = _device_of(model)
-    cpi = split.captions_per_image
-    was_training = model.training
-    model.eval()
-    try:
-        images, captions = [], []
-        first = start - start % batch_size
-        for lo in range(first, stop, batch_size):
-            a, b = max(lo, start), min(lo + batch_size, stop)
-            feats = np.array(split.images[a:b], dtype=np.float32)
-            images.append(model.encode_images(torch.from_numpy(feats).to(device)))
-            tokens, lengths = split.tokens.batch(np.arange(a * cpi, b * cpi))
-            captions.append(model.encode_captions(tokens.to(device), lengths.to(device)))
-    finally:
-        model.train(was_training)
-    return torch.cat(images), torch.cat(captions)
+    return (encode_images_range(model, split, start, stop, batch_size=batch_size),
+            encode_captions_range(model, split, start, stop, batch_size=batch_size))
 
 
 def encode_split(
@@ -74,21 +103,3 @@ def encode_split(
     """
     n_images = split.n_images if max_images <= 0 else min(max_images, split.n_images)
     return encode_range(model, split, 0, n_images, batch_size=batch_size)
-
-
-@torch.no_grad()
-def score_split(
-    model: RetrievalModel,
-    split: SplitArrays,
-    *,
-    max_images: int = 0,
-    batch_size: int = 256,
-    block_images: int = 1024,
-) -> np.ndarray:
-    """The (n_images, cpi * n_images) float32 score matrix of a split."""
-    images, captions = encode_split(model, split, max_images=max_images, batch_size=batch_size)
-    out = np.empty((images.shape[0], captions.shape[0]), dtype=np.float32)
-    for start in range(0, images.shape[0], block_images):
-        block = model.similarity(images[start:start + block_images], captions)
-        out[start:start + block.shape[0]] = block.float().cpu().numpy()
-    return out

@@ -30,10 +30,20 @@ class RetrievalModel(nn.Module):
         raise NotImplementedError
 
     def forward(
-        self, regions: torch.Tensor, tokens: torch.Tensor, lengths: torch.Tensor
+        self, regions: torch.Tensor, tokens: torch.Tensor, lengths: torch.Tensor,
+        pairs: int | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Encode a batch of images and a batch of captions (sizes may differ)."""
+        """Encode a batch of images and a batch of captions (sizes may differ).
+
+        ``pairs``: the first ``pairs`` images and captions are matching pairs (the
+        anchors of a training batch); a model with an auxiliary loss computes it on them.
+        """
         return self.encode_images(regions), self.encode_captions(tokens, lengths)
+
+    def concat_encodings(self, parts: list[torch.Tensor]) -> torch.Tensor:
+        """Join encodings of consecutive batches along dim 0 (word-level encodings of
+        different batches have different lengths; such models pad here)."""
+        return torch.cat(parts)
 
     def similarity(self, images: torch.Tensor, captions: torch.Tensor) -> torch.Tensor:
         """All pairs: (N_i, ...) x (N_c, ...) encodings -> (N_i, N_c) scores."""

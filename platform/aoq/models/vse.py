@@ -102,9 +102,4 @@ class VSE(RetrievalModel):
         return self.text_encoder(tokens, lengths)
 
 
-def build_vse(cfg: ModelConfig, vocab_size: int, img_dim: int) -> VSE:
-    """Registry entry for ``model.name=vse``."""
-    return VSE(cfg, vocab_size, img_dim)
-
-
-__all__ = ["VSE", "build_vse", "l2_normalize"]
+__all__ = ["VSE", "l2_normalize"]

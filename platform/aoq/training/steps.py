@@ -35,7 +35,7 @@ def batch_scores(
         The (B, B) in-batch score matrix (anchors; positives on the diagonal) and, for a
         batch with offline blocks, the four (B,) offline score vectors.
     """
-    images, captions = model(batch.regions, batch.tokens, batch.lengths)
+    images, captions = model(batch.regions, batch.tokens, batch.lengths, pairs=batch.size)
     core = unwrap(model)
     b = batch.size
     anchor_i, anchor_c = images[:b], captions[:b]
