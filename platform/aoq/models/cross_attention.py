@@ -54,8 +54,11 @@ def pad_cat(parts: list[torch.Tensor]) -> torch.Tensor:
 
 
 def l2norm(x: torch.Tensor, dim: int, eps: float = 1e-8) -> torch.Tensor:
-    """The SCAN/BFAN normalisation: x / (||x|| + eps) (eps added, not clamped)."""
-    return x / (x.pow(2).sum(dim=dim, keepdim=True).sqrt() + eps)
+    """The SCAN/BFAN normalisation: x / (||x|| + eps) (eps added, not clamped).
+
+    ``Tensor.norm`` rather than sqrt(sum(x^2)): its gradient at an all-zero vector (the
+    scores of a padding word) is 0, where sqrt's would be inf * 0 = NaN."""
+    return x / (x.norm(dim=dim, keepdim=True) + eps)
 
 
 @dataclass
@@ -129,17 +132,23 @@ def attend_i2t(grid: PairGrid, smooth: float) -> torch.Tensor:
     return torch.softmax(attn, dim=-1)
 
 
+def _sqrt(squared_norm: torch.Tensor) -> torch.Tensor:
+    """sqrt of a squared norm from a quadratic form: rounding can make it slightly
+    negative, and sqrt's gradient at 0 is infinite, so floor it far below any real norm."""
+    return squared_norm.clamp_min(1e-20).sqrt()
+
+
 def query_cosines_t2i(grid: PairGrid, attn: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
     """(A, C, L) cosine between each word and its attended region context."""
     dot = (attn * grid.s).sum(-1)
-    context_norm = (grid.region_side(attn) * attn).sum(-1).clamp_min(0).sqrt()
+    context_norm = _sqrt((grid.region_side(attn) * attn).sum(-1))
     return dot / (grid.word_norm * context_norm).clamp_min(eps)
 
 
 def query_cosines_i2t(grid: PairGrid, attn: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
     """(A, C, R) cosine between each region and its attended word context."""
     dot = (attn * grid.s.transpose(2, 3)).sum(-1)
-    context_norm = (grid.word_side(attn) * attn).sum(-1).clamp_min(0).sqrt()
+    context_norm = _sqrt((grid.word_side(attn) * attn).sum(-1))
     return dot / (grid.region_norm * context_norm).clamp_min(eps)
 
 
