@@ -264,3 +264,25 @@ def test_old_model_records_load_with_new_fields_defaulted(tmp_path: Path) -> Non
     loaded, _ = load_model(tmp_path / "old.pt")
     assert count_parameters(loaded) == count_parameters(model)
     assert all(torch.isfinite(p).all() for p in loaded.parameters())
+
+
+def test_paper_size_parameter_counts_match_the_authors_code(capsys) -> None:
+    """At 36 x 2048 regions, word dim 300 and the COCO vocabulary, each model has the
+    parameter count of the authors' classes (benchmarks/authors_param_counts.py), except
+    VSE-infinity's unused output BatchNorm, which we do not create."""
+    import importlib.util
+
+    from aoq.models.paper_sizes import AUTHORS, COCO_VOCAB, IMG_DIM, paper_config
+
+    for name, ref in AUTHORS.items():
+        model = build_model(paper_config(name), COCO_VOCAB, IMG_DIM)
+        expected = ref.parameters - (2 * 1024 if name == "vse_gpo" else 0)
+        assert count_parameters(model) == expected, name
+        del model
+    spec = importlib.util.spec_from_file_location(
+        "params_job", Path(__file__).resolve().parents[1] / "jobs" / "params.py")
+    job = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(job)
+    assert job.main([]) == 0
+    out = capsys.readouterr().out
+    assert "128,793,841" in out and "-2,048" in out and out.count("+0") == 4
