@@ -91,3 +91,20 @@ def test_pool_scores_equal_local_scores_and_ensembles_average(prepared, local_ra
     pooled_mean = ensemble_scores(paths, data, "test", pool_actors=2, shard_images=BATCH * 4)
     np.testing.assert_allclose(pooled_mean, mean, rtol=0, atol=1e-5)
     assert ensemble_label(1) == "single model" and ensemble_label(2) == "ensemble of 2"
+
+
+def test_a_cross_attention_checkpoint_is_refused_as_mining_model(prepared, tmp_path: Path
+                                                                 ) -> None:
+    from aoq.data import DataError
+    from aoq.negatives.checkpoints import mine_from_checkpoint
+    from aoq.training.checkpoint import model_record, save_file
+
+    cfg, data = prepared
+    model, model_cfg = model_for(cfg, data, "bfan")
+    path = tmp_path / "bfan.pt"
+    save_file(path, model_record(model_cfg, model, vocab_size=data.vocab_size,
+                                 img_dim=data.feature_dim, vocab_path="", epoch=0,
+                                 dev_rsum=0.0))
+    with pytest.raises(DataError, match=r"bfan\.pt.*'bfan' model scores pairs by cross"):
+        mine_from_checkpoint(path, open_split(data, "train"), cfg.negatives,
+                             vocab_size=data.vocab_size)

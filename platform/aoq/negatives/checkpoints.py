@@ -36,6 +36,11 @@ def mine_from_checkpoint(
         raise DataError(
             f"checkpoint was trained with vocab {record['vocab_size']} / {record['img_dim']}-d "
             f"regions, the data has vocab {vocab_size} / {split.images.shape[2]}-d", path=path)
+    if not model.has_global_embedding:
+        raise DataError(
+            f"a {record['model_config'].get('name')!r} model scores pairs by cross attention "
+            "and cannot mine the whole training set; use a vse, vse_gpo or vsrn checkpoint "
+            "as the mining model", path=path)
     start = time.perf_counter()
     i2t, t2i = mine_from_model(model, split, k_captions=neg_cfg.k_captions,
                                k_images=neg_cfg.k_images, block_rows=neg_cfg.block_rows,

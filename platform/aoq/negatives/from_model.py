@@ -26,7 +26,7 @@ def mine_from_model(
     """
     if not model.has_global_embedding:
         raise ValueError(f"{type(model).__name__} has no global embedding; mine with a "
-                         "vse/vsrn checkpoint instead (negatives.source=checkpoint:<path>)")
+                         "vse, vse_gpo or vsrn checkpoint instead (negatives.source=checkpoint:<path>)")
     from aoq.negatives.mining import mine_candidates
 
     images, captions = encode_split(model, split)
