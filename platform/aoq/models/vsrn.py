@@ -47,11 +47,18 @@ class RelationGCN(nn.Module):
         nn.init.zeros_(self.bn.weight)
         nn.init.zeros_(self.bn.bias)
 
+    @staticmethod
+    def _pointwise(conv: nn.Conv1d, x: torch.Tensor) -> torch.Tensor:
+        """A 1x1 convolution applied to (B, R, C) as the matrix product it is (several
+        times faster on CPU than the convolution kernel; same parameters)."""
+        return F.linear(x, conv.weight[..., 0], conv.bias)
+
     def forward(self, v: torch.Tensor) -> torch.Tensor:
-        g = self.g(v).transpose(1, 2)                       # (B, R, I)
-        affinity = self.theta(v).transpose(1, 2) @ self.phi(v)  # (B, R, R)
+        x = v.transpose(1, 2)                               # (B, R, D)
+        g = self._pointwise(self.g, x)                      # (B, R, I)
+        affinity = self._pointwise(self.theta, x) @ self._pointwise(self.phi, x).transpose(1, 2)
         y = (affinity / affinity.shape[-1]) @ g             # (B, R, I)
-        return self.bn(self.w(y.transpose(1, 2))) + v
+        return self.bn(self._pointwise(self.w, y).transpose(1, 2)) + v
 
 
 class CaptionGenerator(nn.Module):
@@ -74,20 +81,28 @@ class CaptionGenerator(nn.Module):
         self.dropout = nn.Dropout(dropout)
         self.max_len = max_len
 
-    def _attend(self, state: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
-        """(B, H) decoder state over (B, R, H) encoder outputs -> (B, H) context."""
-        query = state[:, None].expand_as(memory)
-        logits = self.attn_score(torch.tanh(self.attn_hidden(torch.cat([memory, query], -1))))
+    def _attend(self, state: torch.Tensor, memory: torch.Tensor, keys: torch.Tensor
+                ) -> torch.Tensor:
+        """(B, H) decoder state over (B, R, H) encoder outputs -> (B, H) context.
+
+        The attention MLP sees [memory_r, state] each step; its first layer is linear,
+        so W [m; s] = W_m m + W_s s and the memory half (``keys``) is computed once per
+        caption instead of once per word, the same function at a fraction of the cost."""
+        hidden = self.attn_hidden.weight.shape[0]
+        query = F.linear(state, self.attn_hidden.weight[:, hidden:])
+        logits = self.attn_score(torch.tanh(keys + query[:, None]))
         return (torch.softmax(logits, dim=1) * memory).sum(dim=1)
 
     def forward(self, regions: torch.Tensor, tokens: torch.Tensor, lengths: torch.Tensor
                 ) -> torch.Tensor:
         memory, state = self.encoder(self.dropout(self.project(regions)))
+        hidden = self.attn_hidden.weight.shape[0]
+        keys = F.linear(memory, self.attn_hidden.weight[:, :hidden], self.attn_hidden.bias)
         steps = min(int(lengths.max()), self.max_len) - 1
         words = self.embed(tokens[:, :steps])
         log_probs = []
         for t in range(steps):
-            context = self._attend(state[0], memory)
+            context = self._attend(state[0], memory, keys)
             step_in = self.dropout(torch.cat([words[:, t], context], dim=-1))[:, None]
             out, state = self.decoder(step_in, state)
             log_probs.append(F.log_softmax(self.out(out[:, 0]), dim=-1))
