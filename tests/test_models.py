@@ -286,3 +286,22 @@ def test_paper_size_parameter_counts_match_the_authors_code(capsys) -> None:
     assert job.main([]) == 0
     out = capsys.readouterr().out
     assert "128,793,841" in out and "-2,048" in out and out.count("+0") == 4
+
+
+def test_caption_augmentation_masks_swaps_and_deletes_words_only() -> None:
+    from aoq.models.vse_gpo import augment_captions
+
+    tokens, lengths = captions(400, seed=6)
+    torch.manual_seed(0)
+    out, new_lengths = augment_captions(tokens, lengths, 0.2, VOCAB)
+    assert (new_lengths <= lengths).all() and (new_lengths >= 2).all()
+    rows = torch.arange(400)
+    assert (out[:, 0] == 1).all() and (out[rows, new_lengths - 1] == 2).all()
+    assert (out[torch.arange(out.shape[1])[None] >= new_lengths[:, None]] == 0).all()
+    n_words = int((lengths - 2).sum())
+    deleted = int((lengths - new_lengths).sum())
+    masked = int((out == 3).sum())
+    # 20% of words hit: 8% deleted and 10% masked in expectation.
+    assert 0.05 < deleted / n_words < 0.11 and 0.07 < masked / n_words < 0.13
+    same, _ = augment_captions(tokens, lengths, 0.0, VOCAB)
+    assert torch.equal(same, tokens)

@@ -129,6 +129,10 @@ class ModelConfig:
     region_dropout: float = opt(
         0.2, "vse_gpo: probability of dropping each region in training (size "
         "augmentation)", min=0.0, max=0.9)
+    word_dropout: float = opt(
+        0.2, "vse_gpo: probability that a training caption's word is masked (50%), "
+        "replaced (10%) or deleted (40%), VSE-infinity's caption augmentation", min=0.0,
+        max=0.9)
     # VSRN
     gcn_layers: int = opt(4, "vsrn: region-relation reasoning layers", min=1)
     caption_loss_weight: float = opt(
