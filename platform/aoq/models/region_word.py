@@ -4,13 +4,12 @@ Subclasses only say how a grid of pairs is scored."""
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
 
 from aoq.config import ModelConfig
 from aoq.models.base import RetrievalModel
+from aoq.models.layers import region_projection
 from aoq.models.cross_attention import PairGrid, chunked_scores, l2norm, pack_words, pad_cat
 from aoq.models.text import GRUWordEncoder
 
@@ -24,10 +23,7 @@ class RegionWordModel(RetrievalModel):
 
     def __init__(self, cfg: ModelConfig, vocab_size: int, img_dim: int) -> None:
         super().__init__()
-        self.fc = nn.Linear(img_dim, cfg.embed_dim)
-        bound = math.sqrt(6.0) / math.sqrt(img_dim + cfg.embed_dim)
-        nn.init.uniform_(self.fc.weight, -bound, bound)
-        nn.init.zeros_(self.fc.bias)
+        self.fc = region_projection(img_dim, cfg.embed_dim)
         # Both authors' released configurations use a bidirectional GRU.
         self.text = GRUWordEncoder(vocab_size, cfg.word_dim, cfg.embed_dim, cfg.text_layers,
                                    bidirectional=True)

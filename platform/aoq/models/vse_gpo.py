@@ -11,14 +11,13 @@ replaced by a random word (a tenth) or deleted (the rest), as the authors augmen
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from aoq.config import ModelConfig
 from aoq.models.base import RetrievalModel
+from aoq.models.layers import region_projection
 from aoq.models.gpo import GPO
 from aoq.models.text import GRUWordEncoder
 from aoq.models.vse import l2_normalize
@@ -88,10 +87,7 @@ class VSEGPO(RetrievalModel):
 
     def __init__(self, cfg: ModelConfig, vocab_size: int, img_dim: int) -> None:
         super().__init__()
-        self.fc = nn.Linear(img_dim, cfg.embed_dim)
-        bound = math.sqrt(6.0) / math.sqrt(img_dim + cfg.embed_dim)
-        nn.init.uniform_(self.fc.weight, -bound, bound)
-        nn.init.zeros_(self.fc.bias)
+        self.fc = region_projection(img_dim, cfg.embed_dim)
         self.mlp = RegionMLP(img_dim, cfg.embed_dim // 2, cfg.embed_dim)
         self.image_pool = GPO(cfg.gpo_pe_dim, cfg.gpo_hidden)
         self.text = GRUWordEncoder(vocab_size, cfg.word_dim, cfg.embed_dim, cfg.text_layers,

@@ -10,14 +10,13 @@ caption embedding. Scores are cosine similarities.
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from aoq.config import ModelConfig
 from aoq.models.base import RetrievalModel
+from aoq.models.layers import region_projection
 from aoq.models.vse import GRUTextEncoder, l2_normalize
 
 
@@ -121,10 +120,7 @@ class VSRN(RetrievalModel):
     def __init__(self, cfg: ModelConfig, vocab_size: int, img_dim: int) -> None:
         super().__init__()
         e = cfg.embed_dim
-        self.fc = nn.Linear(img_dim, e)
-        bound = math.sqrt(6.0) / math.sqrt(img_dim + e)
-        nn.init.uniform_(self.fc.weight, -bound, bound)
-        nn.init.zeros_(self.fc.bias)
+        self.fc = region_projection(img_dim, e)
         self.gcn = nn.Sequential(*(RelationGCN(e, e) for _ in range(cfg.gcn_layers)))
         self.region_gru = nn.GRU(e, e, batch_first=True)
         self.text_encoder = GRUTextEncoder(vocab_size, cfg.word_dim, e, cfg.text_layers,
