@@ -108,3 +108,41 @@ def test_a_cross_attention_checkpoint_is_refused_as_mining_model(prepared, tmp_p
     with pytest.raises(DataError, match=r"bfan\.pt.*'bfan' model scores pairs by cross"):
         mine_from_checkpoint(path, open_split(data, "train"), cfg.negatives,
                              vocab_size=data.vocab_size)
+
+
+def test_evaluate_job_prints_and_writes_a_labelled_ensemble(prepared, scenes_cache: Path,
+                                                            tmp_path: Path, capsys) -> None:
+    import importlib.util
+    import json
+
+    from aoq.evaluation import retrieval_metrics
+    from aoq.training.checkpoint import model_record, save_file
+
+    cfg, data = prepared
+    test = open_split(data, "test")
+    paths, singles = [], []
+    for seed, name in enumerate(("vse", "bfan")):
+        model, model_cfg = model_for(cfg, data, name, seed=seed)
+        paths.append(str(tmp_path / f"{name}.pt"))
+        save_file(paths[-1], model_record(model_cfg, model, vocab_size=data.vocab_size,
+                                          img_dim=data.feature_dim, vocab_path="", epoch=0,
+                                          dev_rsum=0.0))
+        singles.append(score_split(model, test))
+    spec = importlib.util.spec_from_file_location(
+        "evaluate_job", Path(__file__).resolve().parents[1] / "jobs" / "evaluate.py")
+    job = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(job)
+    out_json = tmp_path / "metrics.json"
+    data_args = [*SMALL_SCENES, f"data.cache_dir={scenes_cache}"]
+    assert job.main([*data_args, "--checkpoint", paths[0], "--checkpoint", paths[1],
+                     "--scores-out", str(tmp_path / "scores.npy"), "--shard-images", "32",
+                     "--json", str(out_json)]) == 0
+    written = json.loads(out_json.read_text())
+    assert written["evaluation"] == "ensemble of 2" and written["checkpoints"] == paths
+    expected = retrieval_metrics((singles[0] + singles[1]) / 2)
+    assert written["rsum"] == pytest.approx(expected["rsum"], abs=1e-6)
+    assert "ensemble of 2" in capsys.readouterr().out
+    np.testing.assert_allclose(np.load(tmp_path / "scores.npy"), (singles[0] + singles[1]) / 2,
+                               rtol=0, atol=1e-6)
+    assert job.main([*data_args, "--checkpoint", paths[0], "--json", str(out_json)]) == 0
+    assert json.loads(out_json.read_text())["evaluation"] == "single model"
