@@ -134,9 +134,21 @@ class RunStorage:
         return sorted(posixpath.basename(i.path) for i in infos)
 
     def check(self) -> None:
-        """Fail now, with the URI, if storage is unreachable (bad bucket, credentials)."""
+        """Fail now, with the URI, if storage cannot be written (no such bucket, bad
+        credentials, read-only): a probe object is written beside the run and removed."""
         if self.remote:
-            self._info(self.remote_root)
+            assert self.fs is not None
+            probe = posixpath.join(posixpath.dirname(self.remote_root),
+                                   f".aoq-write-check-{secrets.token_hex(4)}")
+            try:
+                if self.fs.type_name == "local":
+                    self.fs.create_dir(posixpath.dirname(probe), recursive=True)
+                with self.fs.open_output_stream(probe) as fh:
+                    fh.write(b"ok")
+                self.fs.delete_file(probe)
+            except (pyarrow.ArrowException, OSError) as exc:
+                raise StorageError(f"{self.location}: cannot write to run.storage ({exc})"
+                                   ) from None
         else:
             parent = self.work_dir.parent
             while not parent.exists():
@@ -148,10 +160,12 @@ class RunStorage:
 
     def _upload_file(self, local: Path, remote: str) -> None:
         assert self.fs is not None
-        # An object PUT appears whole; a file system needs a temp name and a rename.
-        staged = remote if self.fs.type_name != "local" else \
-            f"{remote}.{secrets.token_hex(4)}.tmp"
-        self.fs.create_dir(posixpath.dirname(remote), recursive=True)
+        # An object PUT appears whole (and needs no parent directories); a file system
+        # needs its directories, a temp name and a rename.
+        staged = remote
+        if self.fs.type_name == "local":
+            staged = f"{remote}.{secrets.token_hex(4)}.tmp"
+            self.fs.create_dir(posixpath.dirname(remote), recursive=True)
         with open(local, "rb") as src, self.fs.open_output_stream(staged) as dst:
             while chunk := src.read(_CHUNK):
                 dst.write(chunk)
