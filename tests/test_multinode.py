@@ -36,7 +36,7 @@ def cluster() -> Iterator[object]:
     os.environ.pop("RAY_ADDRESS", None)
     gcs_port, dashboard_port = free_ports(2)
     sim = Cluster(initialize_head=True, head_node_args={
-        "num_cpus": 0, "port": gcs_port, "include_dashboard": True,
+        "num_cpus": 0, "gcs_server_port": gcs_port, "include_dashboard": True,
         "dashboard_host": "127.0.0.1", "dashboard_port": dashboard_port})
     try:
         for _ in range(2):
@@ -49,13 +49,21 @@ def cluster() -> Iterator[object]:
         sim.shutdown()
 
 
-def _first_checkpoint(run_dir: Path, stop: threading.Event, timeout: float = 600
-                      ) -> Path | None:
+def _first_registered_checkpoint(run_dir: Path, job: threading.Thread, timeout: float = 600
+                                 ) -> str | None:
+    """The first checkpoint Ray Train has *registered* (a restart resumes from it), while
+    the job runs. A checkpoint directory appears in storage before the controller
+    registers it; the controller's snapshot file in the run directory lists only
+    registered ones, so that is what is polled."""
+    snapshot = run_dir / "checkpoint_manager_snapshot.json"
     deadline = time.monotonic() + timeout
-    while not stop.is_set() and time.monotonic() < deadline:
-        done = sorted(run_dir.glob("checkpoint_*/state.pt"))
-        if done:
-            return done[0].parent
+    while job.is_alive() and time.monotonic() < deadline:
+        try:
+            results = json.loads(snapshot.read_text())["checkpoint_results"]
+        except (OSError, ValueError, KeyError):
+            results = []
+        if results:
+            return results[0]["checkpoint_dir_name"]
         time.sleep(0.2)
     return None
 
@@ -80,29 +88,34 @@ def test_spread_and_node_loss(cluster, tmp_path: Path, scenes_cache: Path) -> No
         "tracking.experiment=multinode"))
     run_dir = tmp_path / "runs" / "multinode"
 
-    events: dict[str, object] = {}
-    stop = threading.Event()
+    # The job runs on a thread (as a Tune trial's fit() does) so that this, the main
+    # thread, can start the replacement node: Ray's Node installs signal handlers.
+    result: dict[str, object] = {}
 
-    def lose_a_node() -> None:
-        """After the first checkpoint is on storage: kill one worker node without
-        warning, and bring up a replacement (the autoscaler's job on a real cluster)."""
-        checkpoint = _first_checkpoint(run_dir, stop)
-        if checkpoint is None:
-            return
-        events["checkpoint"] = checkpoint.name
+    def train() -> None:
+        try:
+            result["outcome"] = run_training(cfg)
+        except BaseException as exc:  # noqa: BLE001 - re-raised below on the main thread
+            result["error"] = exc
+
+    job = threading.Thread(target=train, daemon=True)
+    job.start()
+    events: dict[str, object] = {}
+    # After the first checkpoint is on storage: kill one worker node without warning
+    # (a reclaimed spot node), and bring up a replacement (the autoscaler's job).
+    checkpoint = _first_registered_checkpoint(run_dir, job)
+    if checkpoint is not None:
+        events["checkpoint"] = checkpoint
         events["train_nodes"] = _actor_nodes("RayTrainWorker")
         events["removed"] = workers[0].node_id
         cluster.remove_node(workers[0], allow_graceful=False)
         cluster.add_node(**NODE)
         events["replaced"] = True
-
-    killer = threading.Thread(target=lose_a_node, daemon=True)
-    killer.start()
-    try:
-        outcome = run_training(cfg)
-    finally:
-        stop.set()
-        killer.join(timeout=120)
+    job.join(timeout=600)
+    assert not job.is_alive(), "the job did not finish after the node loss"
+    if "error" in result:
+        raise result["error"]
+    outcome = result["outcome"]
 
     assert events.get("replaced"), events
     # Before the loss, the two DDP ranks ran on the two worker nodes, none on the head.
