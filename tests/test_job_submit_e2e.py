@@ -38,6 +38,40 @@ def _status(head, submission_id: str) -> str:
     return out.stdout.strip().rsplit(".", 1)[-1] if out.returncode == 0 else "?"
 
 
+def _wait(head, submission_id: str, timeout: float = 600) -> str:
+    deadline = time.monotonic() + timeout
+    state = _status(head, submission_id)
+    while state not in TERMINAL and time.monotonic() < deadline:
+        head.processes()  # remember the job's processes while they run
+        time.sleep(3)
+        state = _status(head, submission_id)
+    return state
+
+
+def test_outputs_inside_a_submitted_jobs_working_dir_are_refused(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from aoq.cluster.job import SUBMITTED_JOB_ENV, check_outputs_outlive_job
+    from aoq.config import ConfigError, load_config
+
+    copy = tmp_path / "working_dir_files" / "_ray_pkg_0123"
+    copy.mkdir(parents=True)
+    monkeypatch.chdir(copy)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    relative = load_config(None, ["run.storage=outputs"])  # made absolute inside the copy
+    outside = load_config(None, [f"run.storage={tmp_path / 'runs'}",
+                                 f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}"])
+    uri = load_config(None, ["run.storage=s3://bucket/runs",
+                             "tracking.uri=http://10.0.0.10:5000"])
+    for cfg in (relative, outside, uri):  # outside a submitted job nothing is refused
+        check_outputs_outlive_job(cfg)
+    monkeypatch.setenv(SUBMITTED_JOB_ENV, "{}")
+    with pytest.raises(ConfigError, match=r"run.storage=.*_ray_pkg_0123/outputs, "
+                                          r"tracking.uri=.*mlflow.db: inside"):
+        check_outputs_outlive_job(relative)
+    check_outputs_outlive_job(outside)
+    check_outputs_outlive_job(uri)
+
+
 def test_submitted_job_records_run_metrics_and_best_checkpoint(tmp_path: Path,
                                                                scenes_cache: Path) -> None:
     repo_state = {p.name for p in ROOT.iterdir()}
@@ -56,15 +90,21 @@ def test_submitted_job_records_run_metrics_and_best_checkpoint(tmp_path: Path,
                           "python", "jobs/train.py", *overrides, cwd=ROOT, timeout=180)
         assert submit.returncode == 0, submit.stdout + submit.stderr
 
-        deadline = time.monotonic() + 600
-        state = _status(head, submission_id)
-        while state not in TERMINAL and time.monotonic() < deadline:
-            head.processes()  # remember the job's processes while they run
-            time.sleep(5)
-            state = _status(head, submission_id)
+        state = _wait(head, submission_id)
         logs = head.cli("job", "logs", submission_id).stdout
         assert state == "SUCCEEDED", logs[-5000:]
         assert "rsum" in logs and "submitted" in logs
+
+        # Relative outputs would land in Ray's temporary copy and vanish: refused at once.
+        lost = f"aoq-lost-{uuid.uuid4().hex[:8]}"
+        submit = head.cli("job", "submit", "--working-dir", ".", "--no-wait",
+                          "--submission-id", lost, "--", "python", "jobs/train.py",
+                          "run.storage=outputs", f"tracking.uri=sqlite:///{tmp_path}/x.db",
+                          cwd=ROOT, timeout=180)
+        assert submit.returncode == 0, submit.stdout + submit.stderr
+        assert _wait(head, lost) == "FAILED"
+        logs = head.cli("job", "logs", lost).stdout
+        assert "run.storage=" in logs and "temporary working directory" in logs, logs[-3000:]
     finally:
         head.stop()
     assert all(not p.is_running() or p.status() == "zombie" for p in head.seen.values())

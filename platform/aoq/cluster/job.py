@@ -67,6 +67,36 @@ def check_config_against_data(cfg: Config, prepared: PreparedData) -> None:
         raise ConfigError("config does not fit the data:\n  - " + "\n  - ".join(problems))
 
 
+#: Set by Ray's job supervisor in the environment of a submitted job's driver.
+SUBMITTED_JOB_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"
+
+
+def check_outputs_outlive_job(cfg: Config, cwd: Path | None = None) -> None:
+    """Refuse, in a job started by ``ray job submit``, outputs inside its working dir.
+
+    Ray runs a submitted job in a temporary copy of ``--working-dir`` and deletes it
+    afterwards; a relative ``run.storage`` or SQLite tracking path (the defaults are
+    both relative) was made absolute against that copy and would vanish with it.
+    """
+    if not os.environ.get(SUBMITTED_JOB_ENV):
+        return
+    cwd = (cwd or Path.cwd()).resolve()
+    from aoq.cluster.tracking import resolve_tracking_uri
+
+    places = {"run.storage": "" if "://" in cfg.run.storage else cfg.run.storage}
+    uri = resolve_tracking_uri(cfg.tracking)
+    places["tracking.uri"] = uri[len("sqlite:///"):] if uri.startswith("sqlite:///") else (
+        "" if "://" in uri else uri)
+    inside = [f"{key}={value}" for key, value in places.items()
+              if value and Path(value).resolve().is_relative_to(cwd)]
+    if inside:
+        raise ConfigError(
+            f"{', '.join(inside)}: inside the submitted job's temporary working directory "
+            f"{cwd}, which Ray deletes when the job ends; give an absolute path on shared "
+            "storage or a URI (run.storage=s3://..., tracking.uri=http://... or "
+            "MLFLOW_TRACKING_URI)")
+
+
 def initial_tables(cfg: Config, prepared: PreparedData, storage: RunStorage) -> str | None:
     """The table version a run starts with, checked or produced on the driver.
 
@@ -219,6 +249,7 @@ def run_training(cfg: Config, *, tags: dict[str, str] | None = None,
         Exception: the training failure (the MLflow run is marked FAILED first).
     """
     start = time.perf_counter()
+    check_outputs_outlive_job(cfg)
     prepared = prepare_data(cfg.data, progress=True)
     check_config_against_data(cfg, prepared)
     run_name = cfg.run.name or default_run_name(cfg)
