@@ -140,9 +140,12 @@ class WorkerSession:
         self.best_rsum = float(state["best_rsum"])
         self.next_version = int(state["next_table_version"])
         if self.rank == 0:
-            # This node may be new to the run: fetch the best weights so far, and never
-            # reuse a table version number that storage already holds.
+            # This node may be new to the run: fetch the best weights so far.
             self.storage.pull(self.output_dir / BEST_MODEL_FILE)
+        neg = self.cfg.negatives
+        if self.rank == 0 and neg.pool_actors and mines_during_training(neg, self.cfg.loss):
+            # The pool never reuses a version number that storage already holds (it only
+            # sees this node's copy); synchronous mining reuses a stored version instead.
             stored = [int(n[1:]) for n in self.storage.names(tables_root(self.output_dir))
                       if n.startswith("v") and n[1:].isdigit()]
             self.next_version = max([self.next_version, *(v + 1 for v in stored)])
