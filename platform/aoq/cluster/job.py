@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from aoq.atomic import atomic_write_text
 from aoq.cluster.tracking import RunHandle, end_run, git_commit, log_artifact, start_run
 from aoq.cluster.train_loop import (
     BEST_MODEL_FILE, TEST_METRICS_FILE, WorkerPayload, tables_root, train_loop_per_worker,
@@ -23,6 +24,7 @@ from aoq.cluster.train_loop import (
 from aoq.config import Config, ConfigError, config_to_dict, dump_yaml, parse_negative_source
 from aoq.data.prepare import PreparedData, open_split, prepare_data
 from aoq.negatives.schedule import mines_during_training, uses_offline
+from aoq.storage import RunStorage
 
 
 @dataclass(frozen=True)
@@ -65,19 +67,50 @@ def check_config_against_data(cfg: Config, prepared: PreparedData) -> None:
         raise ConfigError("config does not fit the data:\n  - " + "\n  - ".join(problems))
 
 
-def initial_tables(cfg: Config, prepared: PreparedData, output_dir: Path) -> str | None:
+#: Set by Ray's job supervisor in the environment of a submitted job's driver.
+SUBMITTED_JOB_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"
+
+
+def check_outputs_outlive_job(cfg: Config, cwd: Path | None = None) -> None:
+    """Refuse, in a job started by ``ray job submit``, outputs inside its working dir.
+
+    Ray runs a submitted job in a temporary copy of ``--working-dir`` and deletes it
+    afterwards; a relative ``run.storage`` or SQLite tracking path (the defaults are
+    both relative) was made absolute against that copy and would vanish with it.
+    """
+    if not os.environ.get(SUBMITTED_JOB_ENV):
+        return
+    cwd = (cwd or Path.cwd()).resolve()
+    from aoq.cluster.tracking import resolve_tracking_uri
+
+    places = {"run.storage": "" if "://" in cfg.run.storage else cfg.run.storage}
+    uri = resolve_tracking_uri(cfg.tracking)
+    places["tracking.uri"] = uri[len("sqlite:///"):] if uri.startswith("sqlite:///") else (
+        "" if "://" in uri else uri)
+    inside = [f"{key}={value}" for key, value in places.items()
+              if value and Path(value).resolve().is_relative_to(cwd)]
+    if inside:
+        raise ConfigError(
+            f"{', '.join(inside)}: inside the submitted job's temporary working directory "
+            f"{cwd}, which Ray deletes when the job ends; give an absolute path on shared "
+            "storage or a URI (run.storage=s3://..., tracking.uri=http://... or "
+            "MLFLOW_TRACKING_URI)")
+
+
+def initial_tables(cfg: Config, prepared: PreparedData, storage: RunStorage) -> str | None:
     """The table version a run starts with, checked or produced on the driver.
 
     ``tables:<path>`` is loaded and every id checked against the training split;
     ``checkpoint:<path>`` mines once from that first-round model (the paper's procedure)
-    into the run's own table directory, unless a resumed run already did.
+    into the run's own table directory (pushed to storage), unless a resumed run
+    already did.
     """
     if not uses_offline(cfg.loss):
         return None
     kind, path = parse_negative_source(cfg.negatives.source)
     if kind == "mine":
         return None
-    from aoq.negatives.tables import list_versions, load_tables, save_tables, version_dir
+    from aoq.negatives.tables import load_tables, save_tables, version_dir
 
     train = prepared.splits[cfg.data.train_split]
     if kind == "tables":
@@ -87,15 +120,17 @@ def initial_tables(cfg: Config, prepared: PreparedData, output_dir: Path) -> str
             raise ConfigError(f"negatives.sampling_range={cfg.negatives.sampling_range}: the "
                               f"tables at {tables.path} have only {tables.i2t.shape[1]} columns")
         return tables.path
-    root = tables_root(output_dir)
-    if list_versions(root):
-        return str(version_dir(root, list_versions(root)[0]))
+    root = tables_root(storage.work_dir)
+    if storage.pull(version_dir(root, 1)):
+        return str(version_dir(root, 1))
     from aoq.negatives.checkpoints import mine_from_checkpoint
 
     i2t, t2i, meta = mine_from_checkpoint(path, open_split(prepared, cfg.data.train_split),
                                           cfg.negatives, vocab_size=prepared.vocab_size,
                                           progress=True)
-    return str(save_tables(root, 1, i2t, t2i, **meta))
+    saved = save_tables(root, 1, i2t, t2i, **meta)
+    storage.push(saved)
+    return str(saved)
 
 
 def _connect_ray(cfg: Config) -> bool:
@@ -191,10 +226,11 @@ def _run_tags(cfg: Config, prepared: PreparedData) -> dict[str, str]:
     }
 
 
-def _log_outputs(handle: RunHandle, output_dir: Path) -> None:
+def _log_outputs(handle: RunHandle, storage: RunStorage) -> None:
+    """Log the run's final files; rank 0 may have written them on another node."""
     for name in (BEST_MODEL_FILE, TEST_METRICS_FILE, "recall_curves.png"):
-        path = output_dir / name
-        if path.exists():
+        path = storage.work_dir / name
+        if storage.pull(path):
             log_artifact(handle, path)
 
 
@@ -213,16 +249,20 @@ def run_training(cfg: Config, *, tags: dict[str, str] | None = None,
         Exception: the training failure (the MLflow run is marked FAILED first).
     """
     start = time.perf_counter()
+    check_outputs_outlive_job(cfg)
     prepared = prepare_data(cfg.data, progress=True)
     check_config_against_data(cfg, prepared)
     run_name = cfg.run.name or default_run_name(cfg)
-    output_dir = Path(cfg.run.storage) / run_name
-    if output_dir.exists() and not cfg.run.resume:
-        raise ConfigError(f"run.name={run_name!r}: {output_dir} already exists; choose another "
-                          "name or set run.resume=true to continue it")
+    storage = RunStorage(cfg.run.storage, run_name, cfg.data.cache_dir)
+    storage.check()
+    if storage.exists() and not cfg.run.resume:
+        raise ConfigError(f"run.name={run_name!r}: {storage.location} already exists; choose "
+                          "another name or set run.resume=true to continue it")
+    output_dir = storage.work_dir
     output_dir.mkdir(parents=True, exist_ok=True)
-    (output_dir / "config.yaml").write_text(dump_yaml(cfg))
-    tables = initial_tables(cfg, prepared, output_dir)
+    atomic_write_text(output_dir / "config.yaml", dump_yaml(cfg))
+    storage.push(output_dir / "config.yaml")
+    tables = initial_tables(cfg, prepared, storage)
     started_local = _connect_ray(cfg)
     if started_local:
         check_resources(cfg)
@@ -236,8 +276,9 @@ def run_training(cfg: Config, *, tags: dict[str, str] | None = None,
         result = build_trainer(cfg, payload, run_name, callbacks).fit()
         if getattr(result, "error", None) is not None:
             raise result.error
+        storage.pull(output_dir / TEST_METRICS_FILE)
         test_metrics = json.loads((output_dir / TEST_METRICS_FILE).read_text())
-        _log_outputs(handle, output_dir)
+        _log_outputs(handle, storage)
     except KeyboardInterrupt:
         if record_failure:
             end_run(handle, "KILLED")
@@ -247,7 +288,7 @@ def run_training(cfg: Config, *, tags: dict[str, str] | None = None,
             end_run(handle, "FAILED")
         raise
     end_run(handle, "FINISHED")
-    return TrainingOutcome(run_name, handle.run_id, str(output_dir), test_metrics,
+    return TrainingOutcome(run_name, handle.run_id, storage.location, test_metrics,
                            time.perf_counter() - start)
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -43,9 +44,12 @@ class RefreshResult:
 class AsyncRefresher:
     """One refresh in flight at a time, run on a background thread."""
 
-    def __init__(self, pool: MiningPool, root: str | Path, k_captions: int, k_images: int
-                 ) -> None:
+    def __init__(self, pool: MiningPool, root: str | Path, k_captions: int, k_images: int,
+                 publish: Callable[[Path], None] | None = None) -> None:
+        """``publish(version_dir)`` runs after a version is saved and before it is
+        reported (e.g. a push to run.storage, so other nodes can pull it)."""
         self.pool = pool
+        self.publish = publish
         self.root = Path(root)
         self.k_captions, self.k_images = k_captions, k_images
         self._thread: threading.Thread | None = None
@@ -82,6 +86,8 @@ class AsyncRefresher:
             path = save_tables(self.root, version, i2t, t2i, epoch=snapshot_epochs,
                                source=f"model after {snapshot_epochs} epochs (actor pool, "
                                       f"{len(self.pool)} actors)", seconds=round(seconds, 3))
+            if self.publish is not None:
+                self.publish(path)
             result = RefreshResult(str(path), version, snapshot_epochs, seconds)
             log.info(f"table version {version} ready in {seconds:.1f}s")
         except Exception as exc:  # noqa: BLE001 - any failure keeps the old tables

@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from aoq.atomic import atomic_write, atomic_write_text
 from aoq.cluster.tracking import RunHandle, log_metrics
 from aoq.config import Config, config_from_dict
 from aoq.data.batches import EpochBatchSampler, PairDataset, make_loader
@@ -37,6 +38,7 @@ from aoq.negatives.schedule import (
     loss_config_for_epoch, mine_at_epoch_start, mines_during_training,
 )
 from aoq.negatives.tables import CandidateTables, load_tables, save_tables, version_dir
+from aoq.storage import RunStorage
 from aoq.training.checkpoint import (
     STATE_FILE, capture_rng, load_file, model_record, restore_rng, rng_file, save_file,
 )
@@ -61,7 +63,8 @@ class WorkerPayload:
         config: ``config_to_dict`` of the validated config.
         prepared: the driver's data preparation result.
         run: the MLflow run to log into.
-        output_dir: absolute directory for best weights, tables and test outputs.
+        output_dir: absolute local directory for best weights, tables and test outputs
+            (the same path on every node; see :class:`aoq.storage.RunStorage`).
         initial_tables: a table version directory to start with (``checkpoint:`` and
             ``tables:`` sources), or None.
     """
@@ -90,6 +93,10 @@ class WorkerSession:
         self.rank, self.world, self.device = rank, world, device
         self.report = report  # ray.train.report, injected so this class is testable
         self.output_dir = Path(payload.output_dir)
+        # Everything written under output_dir is pushed to run.storage (a no-op for a
+        # plain path), and pulled from it on a node that lacks it.
+        self.storage = RunStorage(self.cfg.run.storage, self.output_dir.name,
+                                  self.cfg.data.cache_dir)
         self.prepared = payload.prepared
         self.train = open_split(self.prepared, self.cfg.data.train_split)
         self.dev = open_split(self.prepared, self.cfg.data.dev_split)
@@ -132,6 +139,16 @@ class WorkerSession:
         self.start_epoch = int(state["epoch"]) + 1
         self.best_rsum = float(state["best_rsum"])
         self.next_version = int(state["next_table_version"])
+        if self.rank == 0:
+            # This node may be new to the run: fetch the best weights so far.
+            self.storage.pull(self.output_dir / BEST_MODEL_FILE)
+        neg = self.cfg.negatives
+        if self.rank == 0 and neg.pool_actors and mines_during_training(neg, self.cfg.loss):
+            # The pool never reuses a version number that storage already holds (it only
+            # sees this node's copy); synchronous mining reuses a stored version instead.
+            stored = [int(n[1:]) for n in self.storage.names(tables_root(self.output_dir))
+                      if n.startswith("v") and n[1:].isdigit()]
+            self.next_version = max([self.next_version, *(v + 1 for v in stored)])
         if state.get("tables_path"):
             self._use_tables(state["tables_path"], state.get("tables_epoch"))
         rng_path = Path(checkpoint_dir) / rng_file(self.rank)
@@ -141,6 +158,8 @@ class WorkerSession:
     # ------------------------------------------------------------------ negatives
 
     def _use_tables(self, path: str, epoch: int | None) -> None:
+        if self.storage.owns(path):
+            self.storage.pull(path)
         self.tables = load_tables(path, n_images=self.train.n_images,
                                   captions_per_image=self.train.captions_per_image,
                                   check_ids=self.rank == 0)
@@ -156,13 +175,14 @@ class WorkerSession:
         neg = self.cfg.negatives
         version = self.next_version
         path = version_dir(tables_root(self.output_dir), version)
-        if self.rank == 0 and not path.exists():
+        if self.rank == 0 and not self.storage.pull(path):
             start = time.perf_counter()
             i2t, t2i = mine_from_model(unwrap(self.model), self.train, k_captions=neg.k_captions,
                                        k_images=neg.k_images, block_rows=neg.block_rows)
             save_tables(tables_root(self.output_dir), version, i2t, t2i,
                         epoch=epoch, source=f"model after {epoch} epochs (rank 0)",
                         seconds=round(time.perf_counter() - start, 3))
+            self.storage.push(path)
             log.info(f"mined table version {version} from the model after {epoch} epochs in "
                      f"{time.perf_counter() - start:.1f}s")
         self._barrier()
@@ -183,7 +203,7 @@ class WorkerSession:
                           # pool before Ray has reaped the old one's actors.
                           name=f"{POOL_NAME_PREFIX}{self.output_dir.name}-{os.getpid()}")
         self.refresher = AsyncRefresher(pool, tables_root(self.output_dir), neg.k_captions,
-                                        neg.k_images)
+                                        neg.k_images, publish=self.storage.push)
 
     def _pool_decision(self, epoch: int, due: bool) -> dict[str, Any]:
         """Rank 0: collect a finished refresh, start a due one, and wait only when there
@@ -266,6 +286,7 @@ class WorkerSession:
         with open(path, "a") as fh:
             fh.write(json.dumps({"epoch": epoch, "version": self.tables.version if self.tables
                                  else 0, "pid": os.getpid()}) + "\n")
+        self.storage.push(path)
 
     def _loss_for(self, epoch: int) -> AOQLoss:
         return AOQLoss.from_config(loss_config_for_epoch(
@@ -295,6 +316,7 @@ class WorkerSession:
                               img_dim=self.prepared.feature_dim,
                               vocab_path=self.prepared.vocab_path, epoch=epoch, dev_rsum=rsum)
         save_file(self.output_dir / BEST_MODEL_FILE, record)
+        self.storage.push(self.output_dir / BEST_MODEL_FILE)
 
     def _checkpoint_state(self, epoch: int) -> dict[str, Any]:
         return {
@@ -364,6 +386,7 @@ class WorkerSession:
                         xlabel="S(I, T_neg) - S(I, T)   (> 0: negative outscores positive)",
                         title=f"negative hardness, epoch {epoch + 1}")
         log_artifact(self.payload.run, path, "hardness")
+        self.storage.push(path)
 
     def _report(self, metrics: dict[str, float], epoch: int) -> None:
         from ray.train import Checkpoint
@@ -416,7 +439,7 @@ class WorkerSession:
 
         best = self.output_dir / BEST_MODEL_FILE
         core = unwrap(self.model)
-        if best.exists():
+        if self.storage.pull(best):
             core.load_state_dict(load_file(best)["model"])
         test = open_split(self.prepared, self.cfg.data.test_split)
         scores = self._score_test(core, test)
@@ -424,9 +447,13 @@ class WorkerSession:
         curves = {"image→text": recall_curve(ranks_i2t(scores)),
                   "text→image": recall_curve(ranks_t2i(scores))}
         plot_recall_curves(curves, self.output_dir / "recall_curves.png")
-        np.save(self.output_dir / "test_recall_curves.npy", np.stack(list(curves.values())))
+        curve_array = np.stack(list(curves.values()))
+        atomic_write(self.output_dir / "test_recall_curves.npy",
+                     lambda fh: np.lib.format.write_array(fh, curve_array, allow_pickle=False))
         metrics = {f"test/{k}": v for k, v in result.items()}
-        (self.output_dir / TEST_METRICS_FILE).write_text(json.dumps(metrics, indent=2))
+        atomic_write_text(self.output_dir / TEST_METRICS_FILE, json.dumps(metrics, indent=2))
+        for name in ("recall_curves.png", "test_recall_curves.npy", TEST_METRICS_FILE):
+            self.storage.push(self.output_dir / name)
         log_metrics(self.payload.run, metrics, step=self.cfg.optim.epochs)
         return metrics
 

@@ -222,7 +222,11 @@ class RunConfig:
 
     name: str = opt("", "run name; empty = aoq-<model>-<variant>-<timestamp>")
     storage: str = opt(
-        "./outputs", "absolute path or URI for checkpoints, tables and outputs", path=True
+        "./outputs",
+        "where checkpoints, tables and outputs go: a path (local, or shared such as NFS on "
+        "a multi-node cluster) or a pyarrow URI (s3://bucket/prefix, gs://bucket/prefix, "
+        "file:///dir); with a URI each node works in <data.cache_dir>/runs/ and syncs",
+        path=True,
     )
     num_workers: int = opt(2, "Ray Train workers (DDP ranks)", min=1)
     device: str = opt(

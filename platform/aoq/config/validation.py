@@ -49,6 +49,9 @@ def _cross_problems(cfg: Config) -> list[str]:
     except ConfigError as exc:
         problems.append(str(exc))
         kind = "?"
+    if kind in ("checkpoint", "tables") and "://" in neg.source:
+        problems.append(f"negatives.source={neg.source!r}: must be a local or shared path "
+                        "(tables are memory-mapped); copy it from the object store first")
     if neg.sampling_range > neg.k_captions:
         problems.append(
             f"negatives.sampling_range={neg.sampling_range}: must be <= negatives.k_captions="
