@@ -19,6 +19,7 @@ import torch
 from aoq.data.batches import Batch
 from aoq.losses import AOQLoss, OfflineScores
 from aoq.models.base import RetrievalModel
+from aoq.training.memory import MemoryWatch
 
 
 def unwrap(model: torch.nn.Module) -> RetrievalModel:
@@ -108,13 +109,15 @@ def train_epoch(
     device: torch.device,
     on_step: Callable[[int, float], None] | None = None,
     hardness_samples: int = 0,
+    memory: MemoryWatch | None = None,
 ) -> EpochStats:
     """Run one pass over ``batches`` and return averaged statistics.
 
     Offline blocks in a batch are ignored by a loss that does not need them (``triplet``
     during warm-up reads only the anchors), and a loss that needs them fails loudly on a
     batch without them. With ``hardness_samples > 0``, up to that many per-anchor
-    hardness values are kept (see :func:`caption_hardness`).
+    hardness values are kept (see :func:`caption_hardness`). ``memory`` is sampled after
+    every step (its peaks are the most a worker needs).
     """
     model.train()
     sums: dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros((), device=device))
@@ -148,6 +151,8 @@ def train_epoch(
         stats.samples += batch.size
         if on_step is not None:
             on_step(stats.steps, float(loss.detach()))
+        if memory is not None:
+            memory.sample()
         fetch_start = time.perf_counter()
     stats.seconds = time.perf_counter() - start
     stats.terms = {k: float(v) / max(stats.steps, 1) for k, v in sums.items()}
