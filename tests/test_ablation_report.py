@@ -38,3 +38,16 @@ def test_the_report_states_whether_the_paper_ordering_holds(rsums, verdict) -> N
                            120.0, "fig.png", "g")
     assert f"Paper ordering triplet < offtri < offquin < aoq on rsum: {verdict}" in report
     assert "python jobs/ablation.py" in report and "group=g" in report
+
+
+def test_rewriting_the_report_keeps_the_hand_written_sections_around_it() -> None:
+    from aoq.cluster.ablation import REPORT_END, REPORT_START, splice_report
+
+    first = splice_report(None, "# Ablation\nold table\n")
+    assert first.startswith(REPORT_START) and first.rstrip().endswith(REPORT_END)
+    edited = "intro\n" + first + "\n## Analysis\nkeep me\n"
+    again = splice_report(edited, "# Ablation\nnew table\n")
+    assert again.startswith("intro\n") and "new table" in again and "old table" not in again
+    assert again.rstrip().endswith("## Analysis\nkeep me")
+    # A file without the markers is an older generated report: replaced whole.
+    assert "stale" not in splice_report("stale report\n", "# Ablation\n")

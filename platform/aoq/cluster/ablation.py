@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from aoq.atomic import atomic_write_text
 from aoq.cluster.job import TrainingOutcome, run_training
 from aoq.cluster.tracking import (
     RunHandle, end_run, ensure_experiment, find_run, log_artifact, log_metrics,
@@ -172,9 +173,28 @@ def run_ablation(
     report_path.parent.mkdir(parents=True, exist_ok=True)
     plot_dev_curves(runs, figure)
     wall = time.perf_counter() - start
-    report_path.write_text(render_report(table, runs, cfg, command, wall, figure.name, group))
+    generated = render_report(table, runs, cfg, command, wall, figure.name, group)
+    old = report_path.read_text() if report_path.exists() else None
+    atomic_write_text(report_path, splice_report(old, generated))
     _log_summary_run(cfg, group, table, figure, report_path)
     return table
+
+
+REPORT_START = "<!-- ablation report: written by jobs/ablation.py, kept up to date there -->"
+REPORT_END = "<!-- end of the ablation report -->"
+
+
+def splice_report(old: str | None, generated: str) -> str:
+    """The report file with its generated block replaced by ``generated``.
+
+    Results files also hold hand-written analysis and other studies around the block;
+    re-running the ablation must not erase them. A file without the markers is replaced
+    whole (it can only be an older generated report)."""
+    block = f"{REPORT_START}\n{generated.rstrip()}\n{REPORT_END}\n"
+    if old is None or REPORT_START not in old or REPORT_END not in old:
+        return block
+    head, rest = old.split(REPORT_START, 1)
+    return head + block + rest.split(REPORT_END, 1)[1].lstrip("\n")
 
 
 def render_report(table: pd.DataFrame, runs: Sequence[AblationRun], cfg: Config, command: str,
