@@ -257,7 +257,7 @@ def test_a_killed_driver_resubmitted_with_the_same_name_continues_its_run(
 def test_a_truncated_latest_checkpoint_falls_back_to_the_previous_one(reference) -> None:
     """Runs last: it damages the reference run's newest checkpoint and resumes it."""
     run_dir, cfg = reference["run_dir"], reference["cfg"]
-    latest = max(run_dir.glob("checkpoint_*"), key=lambda p: p.name)
+    latest = max((p for p in run_dir.glob("checkpoint_*") if p.is_dir()), key=lambda p: p.name)
     state = latest / "state.pt"
     data = state.read_bytes()
     state.write_bytes(data[: len(data) // 2])
