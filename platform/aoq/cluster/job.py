@@ -12,6 +12,7 @@ import contextlib
 import json
 import os
 import signal
+import sys
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -55,19 +56,26 @@ class TrainingFailed(RuntimeError):
 
 
 @contextlib.contextmanager
-def sigterm_raises() -> Iterator[None]:
+def sigterm_raises() -> Iterator[threading.Event]:
     """Turn SIGTERM into :class:`Terminated` while the body runs (main thread only:
-    Python delivers signals there; a Tune trial's thread keeps Ray's handling)."""
+    Python delivers signals there; a Tune trial's thread keeps Ray's handling).
+
+    Yields an event that is set once SIGTERM arrived: ``ray.get`` replaces an exception
+    raised by a signal handler with its own ``SystemExit(1)``, so the type of what
+    propagates cannot tell a SIGTERM from a failure.
+    """
+    received = threading.Event()
     if threading.current_thread() is not threading.main_thread():
-        yield
+        yield received
         return
 
     def handler(signum, frame):  # noqa: ARG001 - signal handler signature
+        received.set()
         raise Terminated()
 
     previous = signal.signal(signal.SIGTERM, handler)
     try:
-        yield
+        yield received
     finally:
         signal.signal(signal.SIGTERM, previous)
 
@@ -264,7 +272,7 @@ def run_training(cfg: Config, *, tags: dict[str, str] | None = None,
     started_local = _connect_ray(cfg)
     if started_local:
         check_resources(cfg)
-    with sigterm_raises():
+    with sigterm_raises() as sigterm:
         handle = start_run(cfg, run_name, {**_run_tags(cfg, prepared), **(tags or {})},
                            resume=cfg.run.resume)
         print(f"[aoq] run {run_name!r}: MLflow run {handle.run_id} at {handle.tracking_uri}",
@@ -278,7 +286,14 @@ def run_training(cfg: Config, *, tags: dict[str, str] | None = None,
             if record_failure:
                 end_run(handle, "KILLED")
             raise
-        except BaseException:
+        except BaseException as exc:
+            if sigterm.is_set():
+                if record_failure:
+                    end_run(handle, "KILLED")
+                print(f"[aoq] run {run_name!r} stopped by SIGTERM; MLflow run {handle.run_id} "
+                      "marked KILLED; resubmit with the same run.name to continue",
+                      file=sys.stderr, flush=True)
+                raise Terminated() from exc
             if record_failure:
                 end_run(handle, "FAILED")
             raise

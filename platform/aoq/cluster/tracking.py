@@ -123,9 +123,14 @@ def check_store(uri: str, experiment: str) -> str:
     """
     bound_http_requests()
     if uri.startswith("sqlite:///"):
-        parent = Path(uri[len("sqlite:///"):]).parent
-        if not parent.is_dir():
-            raise TrackingError(f"tracking.uri={uri!r}: directory {parent} does not exist")
+        path = Path(uri[len("sqlite:///"):])
+        if not path.parent.is_dir():
+            raise TrackingError(f"tracking.uri={uri!r}: directory {path.parent} does not exist")
+        # SQLite needs the file and, for its journal, the directory writable.
+        for what, target in (("store file", path), ("directory", path.parent)):
+            if target.exists() and not os.access(target, os.W_OK):
+                raise TrackingError(f"tracking.uri={uri!r}: the store is read-only ({what} "
+                                    f"{target} is not writable)")
     start = time.monotonic()
     try:
         experiment_id = ensure_experiment(uri, experiment)
@@ -169,8 +174,10 @@ def _process_start(pid: int) -> str | None:
     return stat.rsplit(")", 1)[1].split()[19]  # field 22, after the command name
 
 
-def _this_driver() -> str:
-    return f"{socket.gethostname()}:{os.getpid()}:{_process_start(os.getpid())}"
+def driver_identity(pid: int | None = None) -> str:
+    """``host:pid:start`` of process ``pid`` (default: this one), for :data:`DRIVER_TAG`."""
+    pid = os.getpid() if pid is None else pid
+    return f"{socket.gethostname()}:{pid}:{_process_start(pid)}"
 
 
 def _owner_alive(tag: str | None) -> bool:
@@ -213,7 +220,7 @@ def reopen_run(uri: str, experiment_id: str, run_name: str) -> str | None:
         client.set_tag(run_id, "aoq.recovered_stale_run", "true")
     client.update_run(run_id, status="RUNNING")
     client.set_tag(run_id, "aoq.resumed", "true")
-    client.set_tag(run_id, DRIVER_TAG, _this_driver())
+    client.set_tag(run_id, DRIVER_TAG, driver_identity())
     return run_id
 
 
@@ -230,7 +237,7 @@ def start_run(cfg: Config, run_name: str, tags: dict[str, str], *, resume: bool)
     if run_id is not None:
         return RunHandle(uri, run_id, experiment_id)
     all_tags = {RUN_NAME_TAG: run_name, "mlflow.runName": run_name,
-                DRIVER_TAG: _this_driver(), **tags}
+                DRIVER_TAG: driver_identity(), **tags}
     run = client.create_run(experiment_id, run_name=run_name, tags=all_tags)
     run_id = run.info.run_id
     from mlflow.entities import Param
