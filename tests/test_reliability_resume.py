@@ -1,4 +1,4 @@
-"""Faults during training (reliability scenarios 1, 2, 3 and 5), end to end.
+"""Faults during training (reliability scenarios 1 to 5), end to end.
 
 Every run here uses the same config and seed as one uninterrupted reference run, with
 synchronous mining on rank 0 (``negatives.pool_actors=0``): the background refresh
@@ -249,6 +249,31 @@ def test_a_killed_driver_resubmitted_with_the_same_name_continues_its_run(
     second = [x["epoch"] for x in used(run_dir, 0) if x["pid"] not in first_attempt]
     assert second == list(range(done_before + 1, EPOCHS))
     assert_same_weights(final_weights(run_dir), reference["weights"])
+
+
+# ----------------------------------------------------------------------------- scenario 4
+
+
+def test_mining_that_fails_for_good_keeps_training_on_the_old_tables(
+        tmp_path: Path, scenes_cache: Path, local_ray) -> None:
+    """Synchronous mining on rank 0 cannot publish version 2: a foreign file occupies
+    its place, as any lasting error would (the pool's version of this, with its actors
+    killed, is test_async_refresh_e2e.py::test_a_permanently_failing_pool_...)."""
+    cfg = load_config(None, small_overrides(tmp_path, scenes_cache, *SYNC, "run.name=stuck"))
+    run_dir = Path(cfg.run.storage) / "stuck"
+    (run_dir / "negatives").mkdir(parents=True)
+    (run_dir / "negatives" / "v0002").write_text("not a table version")
+    outcome = run_training(cfg)
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    run = client.get_run(outcome.run_id)
+    assert run.info.status == "FINISHED" and "test/rsum" in outcome.test_metrics
+    warning = run.data.tags["aoq.warning.refresh"]
+    assert "mining table version 2: DataError" in warning and "v0002" in warning
+    failures = dict(history(client, outcome.run_id, "negatives/refresh_failures"))
+    assert failures == {0: 0.0, 1: 0.0, 2: 1.0, 3: 2.0}  # tried again each due epoch
+    for rank in (0, 1):  # every rank stayed on version 1 together
+        assert [x["version"] for x in used(run_dir, rank)] == [0, 1, 1, 1]
 
 
 # ----------------------------------------------------------------------------- scenario 5
