@@ -8,7 +8,6 @@ no Ray, no MLflow store, no run directory contents.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from collections.abc import Callable
@@ -141,13 +140,12 @@ def test_out_of_range_values_are_refused_by_the_cli_at_once(tmp_path: Path) -> N
 @pytest.mark.ray
 def test_more_workers_than_the_cluster_has_is_refused_before_any_worker(
         tmp_path: Path, scenes_cache: Path) -> None:
-    from conftest import small_overrides
+    from conftest import driver_env, small_overrides
 
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     proc = subprocess.run(
         [sys.executable, str(ROOT / "jobs" / "train.py"),
          *small_overrides(tmp_path, scenes_cache, "run.cpus_per_worker=512", "run.name=huge")],
-        capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)
+        capture_output=True, text=True, cwd=tmp_path, env=driver_env(), timeout=300)
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert "run.num_workers=2 x run.cpus_per_worker=512.0 needs 1024 CPUs, but the Ray " \
            "cluster has" in proc.stderr

@@ -10,14 +10,9 @@ is SIGKILLed from outside, a checkpoint file is truncated on disk.
 
 from __future__ import annotations
 
-import json
-import os
 import signal
 import subprocess
 import sys
-import threading
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -28,7 +23,9 @@ from aoq.cluster.job import TrainingFailed, run_training
 from aoq.config import load_config
 from aoq.training.checkpoint import CheckpointError, load_checkpoint, load_file
 
-from conftest import small_overrides
+from conftest import (
+    driver_env, killing, signal_driver_when, small_overrides, used_versions, wait_gone,
+)
 
 pytestmark = [pytest.mark.ray, pytest.mark.e2e]
 
@@ -39,14 +36,6 @@ SYNC = ["loss.variant=aoq", "negatives.source=mine", f"optim.epochs={EPOCHS}",
 
 
 # ----------------------------------------------------------------------------- helpers
-
-
-def used(run_dir: Path, rank: int) -> list[dict[str, int]]:
-    """The (epoch, table version, pid) lines each rank appends at every epoch start."""
-    path = run_dir / "negatives" / f"used_rank{rank}.jsonl"
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def complete_epochs(run_dir: Path) -> set[int]:
@@ -81,24 +70,10 @@ def assert_same_weights(got, expected) -> None:
             assert torch.equal(got_state[key], expected_state[key]), key
 
 
-def in_background(action: Callable[[threading.Event], None]):
-    stop = threading.Event()
-    thread = threading.Thread(target=action, args=(stop,), daemon=True)
-    thread.start()
-    return thread, stop
-
-
 def after_checkpoint(run_dir: Path, epoch: int) -> bool:
     """Rank 0 has started ``epoch + 1`` and the checkpoint of ``epoch`` is complete."""
-    return (any(x["epoch"] == epoch + 1 for x in used(run_dir, 0))
+    return (any(x["epoch"] == epoch + 1 for x in used_versions(run_dir, 0))
             and epoch in complete_epochs(run_dir))
-
-
-def wait_gone(pids: set[int], timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while any(Path(f"/proc/{pid}").exists() for pid in pids):
-        assert time.monotonic() < deadline, f"processes {pids} still alive"
-        time.sleep(0.2)
 
 
 def history(client: MlflowClient, run_id: str, key: str) -> list[tuple[int, float]]:
@@ -129,26 +104,15 @@ def test_worker_sigkilled_after_a_checkpoint_resumes_bit_exactly(
     cfg = load_config(None, small_overrides(tmp_path, scenes_cache, *SYNC, "run.name=killed",
                                             "run.max_failures=1"))
     run_dir = Path(cfg.run.storage) / "killed"
-    killed: list[int] = []
 
-    def kill_rank0_after_epoch_1_checkpoint(stop: threading.Event) -> None:
-        while not stop.is_set():
-            if after_checkpoint(run_dir, 1):
-                pid = used(run_dir, 0)[-1]["pid"]
-                os.kill(pid, signal.SIGKILL)
-                killed.append(pid)
-                return
-            time.sleep(0.05)
+    def rank0_after_epoch_1_checkpoint() -> list[int]:
+        return [used_versions(run_dir, 0)[-1]["pid"]] if after_checkpoint(run_dir, 1) else []
 
-    thread, stop = in_background(kill_rank0_after_epoch_1_checkpoint)
-    try:
+    with killing(rank0_after_epoch_1_checkpoint) as killed:
         outcome = run_training(cfg)
-    finally:
-        stop.set()
-        thread.join()
 
     assert len(killed) == 1
-    lines = used(run_dir, 0)
+    lines = used_versions(run_dir, 0)
     before = [x["epoch"] for x in lines if x["pid"] == killed[0]]
     after = [x["epoch"] for x in lines if x["pid"] != killed[0]]
     assert before[:3] == [0, 1, 2]
@@ -174,30 +138,17 @@ def test_an_exhausted_failure_budget_fails_clearly_after_exactly_max_failures_pl
     cfg = load_config(None, small_overrides(tmp_path, scenes_cache, *SYNC, "run.name=doomed",
                                             "run.max_failures=1"))
     run_dir = Path(cfg.run.storage) / "doomed"
-    killed: set[int] = set()
-
-    def kill_every_attempt(stop: threading.Event) -> None:
-        while not stop.is_set():
-            for line in used(run_dir, 1):
-                if line["pid"] not in killed:
-                    killed.add(line["pid"])
-                    os.kill(line["pid"], signal.SIGKILL)
-            time.sleep(0.05)
-
-    thread, stop = in_background(kill_every_attempt)
-    try:
-        with pytest.raises(TrainingFailed) as info:
-            run_training(cfg)
-    finally:
-        stop.set()
-        thread.join()
+    every_rank1_attempt = lambda: [x["pid"] for x in used_versions(run_dir, 1)]  # noqa: E731
+    with killing(every_rank1_attempt, once=False) as killed, \
+            pytest.raises(TrainingFailed) as info:
+        run_training(cfg)
 
     message = str(info.value)
     assert "failed on all 2 attempt(s) allowed by run.max_failures=1" in message
     assert "'doomed'" in message
-    attempts = {x["pid"] for x in used(run_dir, 1)}
-    assert len(attempts) == 2 and attempts == killed
-    assert len({x["pid"] for x in used(run_dir, 0)}) == 2
+    attempts = {x["pid"] for x in used_versions(run_dir, 1)}
+    assert len(attempts) == 2 and attempts == set(killed)
+    assert len({x["pid"] for x in used_versions(run_dir, 0)}) == 2
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("aoq")
     (run,) = client.search_runs([experiment.experiment_id])
@@ -211,24 +162,10 @@ def test_a_killed_driver_resubmitted_with_the_same_name_continues_its_run(
         reference, tmp_path: Path, scenes_cache: Path) -> None:
     command = [sys.executable, str(ROOT / "jobs" / "train.py"),
                *small_overrides(tmp_path, scenes_cache, *SYNC, "run.name=resubmitted")]
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # its own local Ray
     run_dir = tmp_path / "runs" / "resubmitted"
-    with open(tmp_path / "first.log", "w") as log:
-        driver = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env,
-                                  cwd=tmp_path)
-        try:
-            deadline = time.monotonic() + 600
-            while not after_checkpoint(run_dir, 1):
-                assert driver.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
-                assert time.monotonic() < deadline, "no checkpoint of epoch 1"
-                time.sleep(0.05)
-            os.kill(driver.pid, signal.SIGKILL)
-            driver.wait(timeout=60)
-        finally:
-            if driver.poll() is None:
-                os.kill(driver.pid, signal.SIGKILL)
-                driver.wait()
-    first_attempt = {x["pid"] for x in used(run_dir, 0) + used(run_dir, 1)}
+    signal_driver_when(command, lambda: after_checkpoint(run_dir, 1), signal.SIGKILL,
+                       log=tmp_path / "first.log", cwd=tmp_path)
+    first_attempt = {x["pid"] for x in used_versions(run_dir, 0) + used_versions(run_dir, 1)}
     wait_gone(first_attempt)  # the job's workers die with their driver
 
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
@@ -236,8 +173,8 @@ def test_a_killed_driver_resubmitted_with_the_same_name_continues_its_run(
     assert stale.info.status == "RUNNING"  # what a SIGKILL leaves behind
     done_before = max(complete_epochs(run_dir))
 
-    resumed = subprocess.run(command, capture_output=True, text=True, env=env, cwd=tmp_path,
-                             timeout=600)
+    resumed = subprocess.run(command, capture_output=True, text=True, env=driver_env(),
+                             cwd=tmp_path, timeout=600)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
 
     (run,) = client.search_runs([client.get_experiment_by_name("aoq").experiment_id])
@@ -246,7 +183,7 @@ def test_a_killed_driver_resubmitted_with_the_same_name_continues_its_run(
     assert run.data.tags["aoq.recovered_stale_run"] == "true"
     # No epoch repeated: each logged once, with the reference's values.
     assert history(client, run.info.run_id, "dev/rsum") == reference["dev"]
-    second = [x["epoch"] for x in used(run_dir, 0) if x["pid"] not in first_attempt]
+    second = [x["epoch"] for x in used_versions(run_dir, 0) if x["pid"] not in first_attempt]
     assert second == list(range(done_before + 1, EPOCHS))
     assert_same_weights(final_weights(run_dir), reference["weights"])
 
@@ -273,7 +210,7 @@ def test_mining_that_fails_for_good_keeps_training_on_the_old_tables(
     failures = dict(history(client, outcome.run_id, "negatives/refresh_failures"))
     assert failures == {0: 0.0, 1: 0.0, 2: 1.0, 3: 2.0}  # tried again each due epoch
     for rank in (0, 1):  # every rank stayed on version 1 together
-        assert [x["version"] for x in used(run_dir, rank)] == [0, 1, 1, 1]
+        assert [x["version"] for x in used_versions(run_dir, rank)] == [0, 1, 1, 1]
 
 
 # ----------------------------------------------------------------------------- scenario 5
@@ -286,7 +223,7 @@ def test_a_truncated_latest_checkpoint_falls_back_to_the_previous_one(reference)
     state = latest / "state.pt"
     data = state.read_bytes()
     state.write_bytes(data[: len(data) // 2])
-    previous_pids = {x["pid"] for x in used(run_dir, 0)}
+    previous_pids = {x["pid"] for x in used_versions(run_dir, 0)}
 
     outcome = run_training(cfg)  # same name: Ray hands over the damaged checkpoint
 
@@ -296,7 +233,7 @@ def test_a_truncated_latest_checkpoint_falls_back_to_the_previous_one(reference)
     warning = run.data.tags["aoq.warning.checkpoint"]
     assert latest.name in warning and "state.pt" in warning and "unreadable" in warning
     # Only the last epoch was trained again, from the previous checkpoint ...
-    again = [x["epoch"] for x in used(run_dir, 0) if x["pid"] not in previous_pids]
+    again = [x["epoch"] for x in used_versions(run_dir, 0) if x["pid"] not in previous_pids]
     assert again == [EPOCHS - 1]
     # ... and it gave the same weights as before the damage.
     assert_same_weights(final_weights(run_dir), reference["weights"])

@@ -6,14 +6,12 @@ Real MLflow stores (SQLite files), a real closed TCP port, real driver processes
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import signal
 import socket
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import pytest
@@ -24,7 +22,9 @@ from aoq.cluster.tracking import (
 )
 from aoq.config import load_config
 
-from conftest import small_overrides
+from conftest import (
+    driver_env, signal_driver_when, small_overrides, used_versions, wait_gone,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -63,10 +63,10 @@ def test_an_unreachable_server_is_a_clear_error_before_ray_starts(tmp_path: Path
     uri = f"http://127.0.0.1:{closed_port()}"
     overrides = small_overrides(tmp_path, scenes_cache, "loss.variant=triplet",
                                 f"tracking.uri={uri}", "run.name=offline")
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     # The timeout is a hang guard, not a timing assertion.
     proc = subprocess.run([sys.executable, str(ROOT / "jobs" / "train.py"), *overrides],
-                          capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+                          capture_output=True, text=True, env=driver_env(), cwd=tmp_path,
+                          timeout=300)
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert f"error: tracking.uri='{uri}': the tracking server is unreachable" in proc.stderr
     assert "Connection refused" in proc.stderr and "Traceback" not in proc.stderr
@@ -156,41 +156,19 @@ def test_a_resumed_job_closes_the_stale_runs_it_owns(tmp_path: Path) -> None:
     start_run(cfg, "busy", {}, resume=True)  # once it is gone, it is stale
 
 
-def used_pids(run_dir: Path) -> set[int]:
-    pids = set()
-    for path in (run_dir / "negatives").glob("used_rank*.jsonl"):
-        pids |= {json.loads(line)["pid"] for line in path.read_text().splitlines() if line}
-    return pids
-
-
 @pytest.mark.ray
 @pytest.mark.e2e
 def test_sigterm_marks_the_run_killed(tmp_path: Path, scenes_cache: Path) -> None:
     overrides = small_overrides(tmp_path, scenes_cache, "loss.variant=triplet",
                                 "optim.epochs=5", "run.name=stopped")
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     run_dir = tmp_path / "runs" / "stopped"
-    with open(tmp_path / "driver.log", "w") as log:
-        driver = subprocess.Popen([sys.executable, str(ROOT / "jobs" / "train.py"),
-                                   *overrides], stdout=log, stderr=subprocess.STDOUT, env=env,
-                                  cwd=tmp_path)
-        try:
-            deadline = time.monotonic() + 600
-            while not list(run_dir.glob("checkpoint_*")):
-                assert driver.poll() is None, (tmp_path / "driver.log").read_text()[-3000:]
-                assert time.monotonic() < deadline, "no checkpoint"
-                time.sleep(0.1)
-            os.kill(driver.pid, signal.SIGTERM)
-            code = driver.wait(timeout=300)  # a hang guard, not a timing assertion
-        finally:
-            if driver.poll() is None:
-                os.kill(driver.pid, signal.SIGKILL)
-                driver.wait()
-    assert code == 128 + signal.SIGTERM, (tmp_path / "driver.log").read_text()[-3000:]
+    code = signal_driver_when([sys.executable, str(ROOT / "jobs" / "train.py"), *overrides],
+                              lambda: bool(list(run_dir.glob("checkpoint_*"))), signal.SIGTERM,
+                              log=tmp_path / "driver.log", cwd=tmp_path)
+    log = (tmp_path / "driver.log").read_text()
+    assert code == 128 + signal.SIGTERM, log[-3000:]
+    assert "stopped by SIGTERM" in log and "marked KILLED" in log
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     (run,) = client.search_runs([client.get_experiment_by_name("aoq").experiment_id])
     assert run.info.status == "KILLED"
-    deadline = time.monotonic() + 120
-    while any(Path(f"/proc/{pid}").exists() for pid in used_pids(run_dir)):
-        assert time.monotonic() < deadline, "training workers outlived their driver"
-        time.sleep(0.2)
+    wait_gone(x["pid"] for rank in (0, 1) for x in used_versions(run_dir, rank))
