@@ -319,10 +319,11 @@ def _fit(cfg: Config, payload: WorkerPayload, run_name: str, callbacks: Sequence
     except TrainingFailedError as exc:
         attempts = cfg.run.max_failures + 1
         cause = " ".join(str(exc).split())[:1500]
+        restarts = (f"; each restart continued from the latest checkpoint in {output_dir}"
+                    if attempts > 1 else "")
         raise TrainingFailed(
             f"run {run_name!r}: training failed on all {attempts} attempt(s) allowed by "
-            f"run.max_failures={cfg.run.max_failures}; each restarted from the latest "
-            f"checkpoint in {output_dir}. Last error: {cause}") from exc
+            f"run.max_failures={cfg.run.max_failures}{restarts}. Last error: {cause}") from exc
     return json.loads((output_dir / TEST_METRICS_FILE).read_text())
 
 
