@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from aoq.atomic import atomic_write_text
 from aoq.cluster.tracking import RunHandle, bound_http_requests, log_metrics
 from aoq.config import Config, config_from_dict
 from aoq.data.batches import EpochBatchSampler, PairDataset, make_loader
@@ -471,7 +472,7 @@ class WorkerSession:
         plot_recall_curves(curves, self.output_dir / "recall_curves.png")
         np.save(self.output_dir / "test_recall_curves.npy", np.stack(list(curves.values())))
         metrics = {f"test/{k}": v for k, v in result.items()}
-        (self.output_dir / TEST_METRICS_FILE).write_text(json.dumps(metrics, indent=2))
+        atomic_write_text(self.output_dir / TEST_METRICS_FILE, json.dumps(metrics, indent=2))
         log_metrics(self.payload.run, metrics, step=self.cfg.optim.epochs)
         return metrics
 
