@@ -7,12 +7,8 @@ loses its whole mining pool for good. Both must finish.
 
 from __future__ import annotations
 
-import json
-import os
-import signal
 import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -23,7 +19,7 @@ from aoq.cluster.train_loop import POOL_NAME_PREFIX
 from aoq.config import load_config
 from aoq.negatives.tables import list_versions
 
-from conftest import small_overrides
+from conftest import in_background, killing, small_overrides, used_versions
 
 pytestmark = [pytest.mark.ray, pytest.mark.e2e]
 
@@ -31,21 +27,6 @@ EPOCHS = 6
 ASYNC = ["loss.variant=aoq", "negatives.source=mine", f"optim.epochs={EPOCHS}",
          "negatives.warmup_epochs=1", "negatives.refresh_every=1", "negatives.pool_actors=2",
          "negatives.pool_shards=4"]
-
-
-def used_versions(run_dir: Path, rank: int) -> list[dict[str, int]]:
-    path = run_dir / "negatives" / f"used_rank{rank}.jsonl"
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-def in_background(action: Callable[[threading.Event], None]) -> tuple[threading.Thread,
-                                                                       threading.Event]:
-    stop = threading.Event()
-    thread = threading.Thread(target=action, args=(stop,), daemon=True)
-    thread.start()
-    return thread, stop
 
 
 def metric_by_epoch(client: MlflowClient, run_id: str, key: str) -> dict[int, float]:
@@ -59,23 +40,13 @@ def restarted_run(tmp_path_factory: pytest.TempPathFactory, scenes_cache: Path, 
     cfg = load_config(None, small_overrides(tmp, scenes_cache, *ASYNC, "run.name=async",
                                             "run.max_failures=1"))
     run_dir = Path(cfg.run.storage) / "async"
-    killed: list[int] = []
 
-    def kill_a_trainer_midway(stop: threading.Event) -> None:
-        while not stop.is_set():
-            if any(line["epoch"] >= 3 for line in used_versions(run_dir, 1)):
-                rank1 = used_versions(run_dir, 1)[-1]["pid"]
-                os.kill(rank1, signal.SIGKILL)
-                killed.append(rank1)
-                return
-            time.sleep(0.05)
+    def rank1_midway() -> list[int]:
+        lines = used_versions(run_dir, 1)
+        return [lines[-1]["pid"]] if any(line["epoch"] >= 3 for line in lines) else []
 
-    thread, stop = in_background(kill_a_trainer_midway)
-    try:
+    with killing(rank1_midway) as killed:
         outcome = run_training(cfg)
-    finally:
-        stop.set()
-        thread.join()
     return tmp, run_dir, outcome, killed
 
 
@@ -144,12 +115,8 @@ def test_a_permanently_failing_pool_keeps_training_on_the_old_tables(
                 return
             time.sleep(0.05)
 
-    thread, stop = in_background(kill_the_pool_for_good)
-    try:
+    with in_background(kill_the_pool_for_good):
         outcome = run_training(cfg)
-    finally:
-        stop.set()
-        thread.join()
     assert len(killed) == 2
     client = MlflowClient(f"sqlite:///{tmp / 'mlflow.db'}")
     run = client.get_run(outcome.run_id)

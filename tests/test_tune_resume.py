@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
 
-from conftest import small_overrides
+from conftest import driver_env, signal_driver_when, small_overrides
 
 pytestmark = [pytest.mark.ray, pytest.mark.e2e]
 
@@ -23,52 +21,28 @@ def tune_command(*args: str) -> list[str]:
     return [sys.executable, str(ROOT / "jobs" / "tune.py"), *args]
 
 
-def clean_env() -> dict[str, str]:
-    env = dict(os.environ)
-    env.pop("RAY_ADDRESS", None)  # the driver starts its own local Ray
-    return env
-
-
-def wait_for(condition, timeout: float, what: str, proc: subprocess.Popen) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return
-        if proc.poll() is not None:
-            raise AssertionError(f"driver exited ({proc.returncode}) before {what}")
-        time.sleep(0.5)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 def test_a_killed_study_resumes_without_repeating_a_trial(tmp_path: Path,
                                                           scenes_cache: Path) -> None:
     overrides = small_overrides(tmp_path, scenes_cache, "loss.variant=triplet",
                                 "optim.epochs=3")
     trials = tmp_path / "runs" / "studies" / "resumable" / "trials"
-    log = open(tmp_path / "driver.log", "w")
-    driver = subprocess.Popen(
+    finished = lambda: sorted(trials.glob("*/test_metrics.json"))  # noqa: E731
+
+    def a_second_trial_checkpointed() -> bool:
+        """Kill while the next trial has trained (and checkpointed) at least one epoch."""
+        return len(finished()) >= 1 and any(
+            not (d / "test_metrics.json").exists() and list(d.glob("checkpoint_*"))
+            for d in trials.iterdir())
+
+    signal_driver_when(
         tune_command("--space", str(ROOT / "tune_spaces" / "margins.yaml"), "--samples", "3",
                      "--scheduler", "fifo", "--max-concurrent", "1", "--name", "resumable",
                      *overrides),
-        stdout=log, stderr=subprocess.STDOUT, env=clean_env(), cwd=tmp_path)
-    try:
-        finished = lambda: sorted(trials.glob("*/test_metrics.json"))  # noqa: E731
-        wait_for(lambda: len(finished()) >= 1, 600, "the first trial finished", driver)
-        first_done = {p.parent.name: p.stat().st_mtime_ns for p in finished()}
-        # Kill while the next trial has trained (and checkpointed) at least one epoch.
-        wait_for(lambda: any(not (d / "test_metrics.json").exists()
-                             and list(d.glob("checkpoint_*")) for d in trials.iterdir()),
-                 600, "a second trial checkpointed", driver)
-        os.kill(driver.pid, signal.SIGKILL)
-        driver.wait(timeout=60)
-    finally:
-        if driver.poll() is None:
-            os.kill(driver.pid, signal.SIGKILL)
-            driver.wait()
-        log.close()
+        a_second_trial_checkpointed, signal.SIGKILL, log=tmp_path / "driver.log", cwd=tmp_path)
+    first_done = {p.parent.name: p.stat().st_mtime_ns for p in finished()}
 
     resumed = subprocess.run(tune_command("--resume", "resumable", *overrides),
-                             capture_output=True, text=True, env=clean_env(), cwd=tmp_path,
+                             capture_output=True, text=True, env=driver_env(), cwd=tmp_path,
                              timeout=900)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
 

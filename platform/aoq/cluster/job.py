@@ -8,19 +8,25 @@ trainer so a crash is still recorded (as FAILED).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
+import sys
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from aoq.atomic import atomic_write_text
-from aoq.cluster.tracking import RunHandle, end_run, git_commit, log_artifact, start_run
+from aoq.cluster.tracking import (
+    RunHandle, check_store, end_run, git_commit, log_artifact, resolve_tracking_uri, start_run,
+)
 from aoq.cluster.train_loop import (
     BEST_MODEL_FILE, TEST_METRICS_FILE, WorkerPayload, tables_root, train_loop_per_worker,
 )
+from aoq.atomic import atomic_write_text
 from aoq.config import Config, ConfigError, config_to_dict, dump_yaml, parse_negative_source
 from aoq.data.prepare import PreparedData, open_split, prepare_data
 from aoq.negatives.schedule import mines_during_training, uses_offline
@@ -36,6 +42,43 @@ class TrainingOutcome:
     output_dir: str
     test_metrics: dict[str, float]
     seconds: float
+
+
+class Terminated(SystemExit):
+    """The driver got SIGTERM (``ray job stop``, a scheduler, ``kill``): the run is
+    marked KILLED and the process exits with 128 + 15, without a traceback."""
+
+    def __init__(self) -> None:
+        super().__init__(128 + signal.SIGTERM)
+
+
+class TrainingFailed(RuntimeError):
+    """Training failed on every attempt the failure budget allowed."""
+
+
+@contextlib.contextmanager
+def sigterm_raises() -> Iterator[threading.Event]:
+    """Turn SIGTERM into :class:`Terminated` while the body runs (main thread only:
+    Python delivers signals there; a Tune trial's thread keeps Ray's handling).
+
+    Yields an event that is set once SIGTERM arrived: ``ray.get`` replaces an exception
+    raised by a signal handler with its own ``SystemExit(1)``, so the type of what
+    propagates cannot tell a SIGTERM from a failure.
+    """
+    received = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield received
+        return
+
+    def handler(signum, frame):  # noqa: ARG001 - signal handler signature
+        received.set()
+        raise Terminated()
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield received
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def default_run_name(cfg: Config) -> str:
@@ -263,33 +306,66 @@ def run_training(cfg: Config, *, tags: dict[str, str] | None = None,
     atomic_write_text(output_dir / "config.yaml", dump_yaml(cfg))
     storage.push(output_dir / "config.yaml")
     tables = initial_tables(cfg, prepared, storage)
+    # Before Ray: an unreachable or read-only store fails here, in seconds.
+    check_store(resolve_tracking_uri(cfg.tracking), cfg.tracking.experiment)
     started_local = _connect_ray(cfg)
     if started_local:
         check_resources(cfg)
-    handle = start_run(cfg, run_name, {**_run_tags(cfg, prepared), **(tags or {})},
-                       resume=cfg.run.resume)
-    print(f"[aoq] run {run_name!r}: MLflow run {handle.run_id} at {handle.tracking_uri}",
-          flush=True)
-    payload = WorkerPayload(config=config_to_dict(cfg), prepared=prepared, run=handle,
-                            output_dir=str(output_dir), initial_tables=tables)
+    with sigterm_raises() as sigterm:
+        handle = start_run(cfg, run_name, {**_run_tags(cfg, prepared), **(tags or {})},
+                           resume=cfg.run.resume)
+        print(f"[aoq] run {run_name!r}: MLflow run {handle.run_id} at {handle.tracking_uri}",
+              flush=True)
+        payload = WorkerPayload(config=config_to_dict(cfg), prepared=prepared, run=handle,
+                                output_dir=str(output_dir), initial_tables=tables)
+        try:
+            test_metrics = _fit(cfg, payload, run_name, callbacks, storage)
+            _log_outputs(handle, storage)
+        except (KeyboardInterrupt, Terminated):
+            if record_failure:
+                end_run(handle, "KILLED")
+            raise
+        except BaseException as exc:
+            if sigterm.is_set():
+                if record_failure:
+                    end_run(handle, "KILLED")
+                print(f"[aoq] run {run_name!r} stopped by SIGTERM; MLflow run {handle.run_id} "
+                      "marked KILLED; resubmit with the same run.name to continue",
+                      file=sys.stderr, flush=True)
+                raise Terminated() from exc
+            if record_failure:
+                end_run(handle, "FAILED")
+            raise
+        end_run(handle, "FINISHED")
+    return TrainingOutcome(run_name, handle.run_id, storage.location, test_metrics,
+                           time.perf_counter() - start)
+
+
+def _fit(cfg: Config, payload: WorkerPayload, run_name: str, callbacks: Sequence[Any],
+         storage: RunStorage) -> dict[str, float]:
+    """Run the trainer; returns the test metrics rank 0 wrote.
+
+    Raises:
+        TrainingFailed: when training failed on all ``run.max_failures + 1`` attempts
+            (Ray restarts the worker group from the latest checkpoint after each).
+    """
+    from ray.train import TrainingFailedError
+
     try:
         result = build_trainer(cfg, payload, run_name, callbacks).fit()
         if getattr(result, "error", None) is not None:
             raise result.error
-        storage.pull(output_dir / TEST_METRICS_FILE)
-        test_metrics = json.loads((output_dir / TEST_METRICS_FILE).read_text())
-        _log_outputs(handle, storage)
-    except KeyboardInterrupt:
-        if record_failure:
-            end_run(handle, "KILLED")
-        raise
-    except BaseException:
-        if record_failure:
-            end_run(handle, "FAILED")
-        raise
-    end_run(handle, "FINISHED")
-    return TrainingOutcome(run_name, handle.run_id, storage.location, test_metrics,
-                           time.perf_counter() - start)
+    except TrainingFailedError as exc:
+        attempts = cfg.run.max_failures + 1
+        cause = " ".join(str(exc).split())[:1500]
+        restarts = (f"; each restart continued from the latest checkpoint in {storage.location}"
+                    if attempts > 1 else "")
+        raise TrainingFailed(
+            f"run {run_name!r}: training failed on all {attempts} attempt(s) allowed by "
+            f"run.max_failures={cfg.run.max_failures}{restarts}. Last error: {cause}") from exc
+    # Rank 0 may have written the file on another node.
+    storage.pull(storage.work_dir / TEST_METRICS_FILE)
+    return json.loads((storage.work_dir / TEST_METRICS_FILE).read_text())
 
 
 def outcome_summary(outcome: TrainingOutcome) -> dict[str, Any]:

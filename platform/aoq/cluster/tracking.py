@@ -5,20 +5,47 @@ corrupted), the experiment (with an absolute artifact location, since a submitte
 job runs in a temporary directory), and the run. Rank 0 of the training workers logs
 per-epoch metrics into that run by id; the driver logs final metrics and artifacts and
 sets the final status.
+
+Failure handling: HTTP requests to a tracking server have bounded retries and timeouts
+(:func:`bound_http_requests`), and :func:`check_store` proves the store reachable and
+writable before Ray starts, so an unreachable server or a read-only store is a clear
+error in seconds, not a hang or a crash mid-training. A resumed job reopens its run and
+closes other RUNNING runs of the same name that no live process owns.
 """
 
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from aoq.config import Config, TrackingConfig, dump_yaml, flatten
+from aoq.config import Config, ConfigError, TrackingConfig, dump_yaml, flatten
 
 RUN_NAME_TAG = "aoq.run_name"
+#: ``host:pid:process start time`` of the driver that last opened the run.
+DRIVER_TAG = "aoq.driver"
+
+#: MLflow's HTTP defaults (7 retries with backoff factor 2, 120 s timeout) let one call
+#: to a dead server block for minutes; these bound it to well under a minute when the
+#: server refuses connections and about two minutes when it never answers.
+HTTP_BOUNDS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3",
+               "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+               "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}
+
+
+class TrackingError(ConfigError):
+    """The tracking store cannot be used (unreachable, read-only, or not a store)."""
+
+
+def bound_http_requests() -> None:
+    """Apply :data:`HTTP_BOUNDS` where the user has not set them (MLflow reads them at
+    every request). Called by the driver and by every training worker."""
+    for key, value in HTTP_BOUNDS.items():
+        os.environ.setdefault(key, value)
 
 
 def resolve_tracking_uri(cfg: TrackingConfig, base: Path | None = None) -> str:
@@ -84,13 +111,117 @@ def ensure_experiment(uri: str, name: str) -> str:
         return exp.experiment_id
 
 
+def check_store(uri: str, experiment: str) -> str:
+    """Prove the store usable before anything expensive starts: reach it, create the
+    experiment if needed, and write one experiment tag.
+
+    Returns:
+        The experiment id.
+
+    Raises:
+        TrackingError: naming ``tracking.uri`` and what is wrong.
+    """
+    bound_http_requests()
+    if uri.startswith("sqlite:///"):
+        path = Path(uri[len("sqlite:///"):])
+        if not path.parent.is_dir():
+            raise TrackingError(f"tracking.uri={uri!r}: directory {path.parent} does not exist")
+        # SQLite needs the file and, for its journal, the directory writable.
+        for what, target in (("store file", path), ("directory", path.parent)):
+            if target.exists() and not os.access(target, os.W_OK):
+                raise TrackingError(f"tracking.uri={uri!r}: the store is read-only ({what} "
+                                    f"{target} is not writable)")
+    start = time.monotonic()
+    try:
+        experiment_id = ensure_experiment(uri, experiment)
+        _client(uri).set_experiment_tag(experiment_id, "aoq.last_checked",
+                                        time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+    except Exception as exc:  # noqa: BLE001 - MLflow, SQLAlchemy and requests errors
+        text = " ".join(str(exc).split())
+        if "readonly" in text.lower() or "read-only" in text.lower():
+            what = "the store is read-only"
+        elif uri.startswith(("http://", "https://")):
+            what = f"the tracking server is unreachable (gave up after " \
+                   f"{time.monotonic() - start:.0f}s)"
+        else:
+            what = "the store cannot be opened or written"
+        raise TrackingError(f"tracking.uri={uri!r}: {what}: {type(exc).__name__}: "
+                            f"{text[:500]}") from None
+    return experiment_id
+
+
 def find_run(uri: str, experiment_id: str, run_name: str) -> Any | None:
     """The newest run of this experiment tagged with ``run_name``, if any."""
-    runs = _client(uri).search_runs(
-        [experiment_id], filter_string=f"tags.`{RUN_NAME_TAG}` = '{run_name}'",
-        order_by=["attributes.start_time DESC"], max_results=1,
-    )
+    runs = runs_named(uri, experiment_id, run_name)
     return runs[0] if runs else None
+
+
+def runs_named(uri: str, experiment_id: str, run_name: str) -> list[Any]:
+    """Every run of this experiment tagged with ``run_name``, newest first."""
+    return _client(uri).search_runs(
+        [experiment_id], filter_string=f"tags.`{RUN_NAME_TAG}` = '{run_name}'",
+        order_by=["attributes.start_time DESC"], max_results=1000,
+    )
+
+
+def _process_start(pid: int) -> str | None:
+    """When process ``pid`` started (clock ticks since boot, from /proc), or None if it
+    does not exist or this is not Linux."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat.rsplit(")", 1)[1].split()[19]  # field 22, after the command name
+
+
+def driver_identity(pid: int | None = None) -> str:
+    """``host:pid:start`` of process ``pid`` (default: this one), for :data:`DRIVER_TAG`."""
+    pid = os.getpid() if pid is None else pid
+    return f"{socket.gethostname()}:{pid}:{_process_start(pid)}"
+
+
+def _owner_alive(tag: str | None) -> bool:
+    """Whether the driver named by a :data:`DRIVER_TAG` value is another live process on
+    this host (a pid alone could have been reused: its start time must match too)."""
+    try:
+        host, pid, started = (tag or "").rsplit(":", 2)
+        if host != socket.gethostname() or int(pid) == os.getpid():
+            return False
+    except ValueError:
+        return False
+    return started != "None" and _process_start(int(pid)) == started
+
+
+def reopen_run(uri: str, experiment_id: str, run_name: str) -> str | None:
+    """For a resumed job: reopen the newest run named ``run_name`` and mark the older
+    ones that are still RUNNING (left by killed drivers) KILLED.
+
+    Raises:
+        TrackingError: if the newest run is RUNNING under a driver that is still alive
+            (two jobs must not train into one run and one directory).
+    """
+    runs = runs_named(uri, experiment_id, run_name)
+    if not runs:
+        return None
+    client = _client(uri)
+    newest, older = runs[0], runs[1:]
+    owner = newest.data.tags.get(DRIVER_TAG)
+    if newest.info.status == "RUNNING" and _owner_alive(owner):
+        raise TrackingError(f"run.name={run_name!r}: MLflow run {newest.info.run_id} is "
+                            f"still being trained by the live process {owner}; stop it "
+                            "or choose another run.name")
+    for run in older:
+        if run.info.status == "RUNNING" and not _owner_alive(run.data.tags.get(DRIVER_TAG)):
+            client.set_terminated(run.info.run_id, status="KILLED")
+            client.set_tag(run.info.run_id, "aoq.closed_as_stale", "true")
+    run_id = newest.info.run_id
+    if newest.info.status == "RUNNING":
+        # Its driver died without closing it (SIGKILL, lost node): say so.
+        client.set_tag(run_id, "aoq.recovered_stale_run", "true")
+    client.update_run(run_id, status="RUNNING")
+    client.set_tag(run_id, "aoq.resumed", "true")
+    client.set_tag(run_id, DRIVER_TAG, driver_identity())
+    return run_id
 
 
 def start_run(cfg: Config, run_name: str, tags: dict[str, str], *, resume: bool) -> RunHandle:
@@ -102,13 +233,11 @@ def start_run(cfg: Config, run_name: str, tags: dict[str, str], *, resume: bool)
     uri = resolve_tracking_uri(cfg.tracking)
     experiment_id = ensure_experiment(uri, cfg.tracking.experiment)
     client = _client(uri)
-    existing = find_run(uri, experiment_id, run_name) if resume else None
-    if existing is not None:
-        run_id = existing.info.run_id
-        client.update_run(run_id, status="RUNNING")
-        client.set_tag(run_id, "aoq.resumed", "true")
+    run_id = reopen_run(uri, experiment_id, run_name) if resume else None
+    if run_id is not None:
         return RunHandle(uri, run_id, experiment_id)
-    all_tags = {RUN_NAME_TAG: run_name, "mlflow.runName": run_name, **tags}
+    all_tags = {RUN_NAME_TAG: run_name, "mlflow.runName": run_name,
+                DRIVER_TAG: driver_identity(), **tags}
     run = client.create_run(experiment_id, run_name=run_name, tags=all_tags)
     run_id = run.info.run_id
     from mlflow.entities import Param
@@ -118,6 +247,11 @@ def start_run(cfg: Config, run_name: str, tags: dict[str, str], *, resume: bool)
         client.log_batch(run_id, params=params[start:start + 100])
     client.log_text(run_id, dump_yaml(cfg), "config.yaml")
     return RunHandle(uri, run_id, experiment_id)
+
+
+def logged_steps(handle: RunHandle, key: str) -> set[int]:
+    """The steps at which metric ``key`` has been logged in this run."""
+    return {m.step for m in _client(handle.tracking_uri).get_metric_history(handle.run_id, key)}
 
 
 def log_metrics(handle: RunHandle, metrics: dict[str, float], step: int) -> None:

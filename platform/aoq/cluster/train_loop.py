@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from aoq.atomic import atomic_write, atomic_write_text
-from aoq.cluster.tracking import RunHandle, log_metrics
+from aoq.cluster.tracking import RunHandle, bound_http_requests, log_metrics
 from aoq.config import Config, config_from_dict
 from aoq.data.batches import EpochBatchSampler, PairDataset, make_loader
 from aoq.data.prepare import PreparedData, open_split
@@ -40,8 +40,10 @@ from aoq.negatives.schedule import (
 from aoq.negatives.tables import CandidateTables, load_tables, save_tables, version_dir
 from aoq.storage import RunStorage
 from aoq.training.checkpoint import (
-    STATE_FILE, capture_rng, load_file, model_record, restore_rng, rng_file, save_file,
+    STATE_FILE, CheckpointError, capture_rng, load_checkpoint, load_file, model_record,
+    newest_complete_checkpoint, restore_rng, rng_file, save_file,
 )
+from aoq.training.memory import MemoryWatch
 from aoq.training.optim import build_optimizer
 from aoq.training.steps import train_epoch, unwrap
 
@@ -109,6 +111,9 @@ class WorkerSession:
         self.start_epoch = 0
         self.best_rsum = -math.inf
         self.last_metrics: dict[str, float] = {}  # rank 0's last epoch report
+        # Peak anonymous / file-backed memory of this worker (design.md §5: a worker's
+        # memory must not grow with the dataset; memory-mapped pages are file-backed).
+        self.memory = MemoryWatch()
 
     # ------------------------------------------------------------------ setup
 
@@ -129,16 +134,47 @@ class WorkerSession:
             self._use_tables(self.payload.initial_tables, epoch=None)
 
     def restore(self, checkpoint_dir: str | None) -> None:
-        """Continue from a Ray checkpoint directory (a resumed or restarted run)."""
+        """Continue from a Ray checkpoint directory (a resumed or restarted run).
+
+        Rank 0 picks the newest *complete* checkpoint (see
+        :func:`~aoq.training.checkpoint.newest_complete_checkpoint`: a corrupt latest one
+        falls back to the previous, an unregistered complete one is not lost) and every
+        rank then reads that one. Everything is read before anything is applied, so a
+        failure leaves no rank half restored.
+        """
         if checkpoint_dir is None:
             return
-        state = load_file(Path(checkpoint_dir) / STATE_FILE)
+        chosen = None
+        if self.rank == 0:
+            try:
+                loaded = newest_complete_checkpoint(checkpoint_dir, self.world)
+                chosen = str(loaded.path)
+            except CheckpointError as exc:
+                chosen = exc  # every rank raises it, instead of waiting for rank 0
+        chosen = self._broadcast(chosen)
+        if isinstance(chosen, CheckpointError):
+            raise chosen
+        if self.rank != 0:
+            loaded = load_checkpoint(chosen, self.world)
+        for path, why in loaded.skipped:
+            log.warning(f"rank {self.rank}: skipping checkpoint {path}: {why}")
+        if loaded.skipped and self.rank == 0:
+            from aoq.cluster.tracking import set_tags
+
+            set_tags(self.payload.run, {"aoq.warning.checkpoint": (
+                f"resumed from {loaded.path.name}; skipped " +
+                "; ".join(why for _, why in loaded.skipped))[:4000]})
+        state = loaded.state
+        tables = None
+        if state.get("tables_path"):
+            tables = self._open_tables(state["tables_path"])
         unwrap(self.model).load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.start_epoch = int(state["epoch"]) + 1
         self.best_rsum = float(state["best_rsum"])
         self.next_version = int(state["next_table_version"])
+        self.refresh_failures = int(state.get("refresh_failures", 0))
         if self.rank == 0:
             # This node may be new to the run: fetch the best weights so far.
             self.storage.pull(self.output_dir / BEST_MODEL_FILE)
@@ -149,45 +185,73 @@ class WorkerSession:
             stored = [int(n[1:]) for n in self.storage.names(tables_root(self.output_dir))
                       if n.startswith("v") and n[1:].isdigit()]
             self.next_version = max([self.next_version, *(v + 1 for v in stored)])
-        if state.get("tables_path"):
-            self._use_tables(state["tables_path"], state.get("tables_epoch"))
-        rng_path = Path(checkpoint_dir) / rng_file(self.rank)
-        if rng_path.exists():
-            restore_rng(load_file(rng_path))
+        if tables is not None:
+            self._set_tables(tables, state.get("tables_epoch"))
+        restore_rng(loaded.rng[self.rank])
+        if self.rank == 0 and state.get("metrics"):
+            # Metrics reach MLflow only after their checkpoint is stored (run_epoch), so
+            # the restored epoch's may be missing (killed in between), never doubled.
+            from aoq.cluster.tracking import logged_steps
+
+            if int(state["epoch"]) not in logged_steps(self.payload.run, "epoch"):
+                log_metrics(self.payload.run, state["metrics"], step=int(state["epoch"]))
 
     # ------------------------------------------------------------------ negatives
 
-    def _use_tables(self, path: str, epoch: int | None) -> None:
-        if self.storage.owns(path):
+    def _open_tables(self, path: str) -> CandidateTables:
+        if self.storage.owns(path):  # this node may not have the version yet
             self.storage.pull(path)
-        self.tables = load_tables(path, n_images=self.train.n_images,
-                                  captions_per_image=self.train.captions_per_image,
-                                  check_ids=self.rank == 0)
+        return load_tables(path, n_images=self.train.n_images,
+                           captions_per_image=self.train.captions_per_image,
+                           check_ids=self.rank == 0)
+
+    def _set_tables(self, tables: CandidateTables, epoch: int | None) -> None:
+        self.tables = tables
         self.tables_epoch = epoch
-        self.dataset.set_tables(self.tables)
+        self.dataset.set_tables(tables)
+
+    def _use_tables(self, path: str, epoch: int | None) -> None:
+        self._set_tables(self._open_tables(path), epoch)
 
     def _barrier(self) -> None:
         if self.world > 1 and torch.distributed.is_initialized():
             torch.distributed.barrier()
 
-    def mine(self, epoch: int) -> None:
-        """Rank 0 mines from the current weights; every rank then switches together."""
+    def mine(self, epoch: int) -> list[str]:
+        """Rank 0 mines from the current weights; every rank then switches together.
+
+        Returns the errors that stopped it (empty on success). A failure keeps every rank
+        on the tables it has; the next due epoch tries the same version again.
+        """
         neg = self.cfg.negatives
         version = self.next_version
         path = version_dir(tables_root(self.output_dir), version)
-        if self.rank == 0 and not self.storage.pull(path):
-            start = time.perf_counter()
-            i2t, t2i = mine_from_model(unwrap(self.model), self.train, k_captions=neg.k_captions,
-                                       k_images=neg.k_images, block_rows=neg.block_rows)
-            save_tables(tables_root(self.output_dir), version, i2t, t2i,
-                        epoch=epoch, source=f"model after {epoch} epochs (rank 0)",
-                        seconds=round(time.perf_counter() - start, 3))
-            self.storage.push(path)
-            log.info(f"mined table version {version} from the model after {epoch} epochs in "
-                     f"{time.perf_counter() - start:.1f}s")
-        self._barrier()
+        error, tables = "", None
+        if self.rank == 0:
+            try:
+                # A restarted run may have mined it already, here or on another node.
+                if not self.storage.pull(path):
+                    start = time.perf_counter()
+                    i2t, t2i = mine_from_model(unwrap(self.model), self.train,
+                                               k_captions=neg.k_captions,
+                                               k_images=neg.k_images, block_rows=neg.block_rows)
+                    save_tables(tables_root(self.output_dir), version, i2t, t2i,
+                                epoch=epoch, source=f"model after {epoch} epochs (rank 0)",
+                                seconds=round(time.perf_counter() - start, 3))
+                    self.storage.push(path)
+                    log.info(f"mined table version {version} from the model after {epoch} "
+                             f"epochs in {time.perf_counter() - start:.1f}s")
+                tables = self._open_tables(str(path))
+            except Exception as exc:  # noqa: BLE001 - any failure keeps the old tables
+                error = f"mining table version {version}: {type(exc).__name__}: {exc}"
+        error = self._broadcast(error)  # also the barrier before the other ranks read
+        if error:
+            return [error]
         self.next_version = version + 1
-        self._use_tables(str(path), epoch)
+        if tables is None:
+            tables = self._open_tables(str(path))
+        self._set_tables(tables, epoch)
+        return []
 
     def _start_pool(self) -> None:
         """Rank 0 of a run that re-mines in the background owns the actor pool."""
@@ -248,22 +312,25 @@ class WorkerSession:
         """
         neg, loss = self.cfg.negatives, self.cfg.loss
         due = mine_at_epoch_start(epoch, neg, loss)
-        if neg.pool_actors == 0 or not mines_during_training(neg, loss):
-            if due:
-                self.mine(epoch)
+        if not mines_during_training(neg, loss):
             return {}
-        decision = self._broadcast(self._pool_decision(epoch, due) if self.rank == 0 else None)
-        self.next_version = decision["next_version"]
         metrics: dict[str, float] = {}
-        if decision["path"]:
-            self._use_tables(decision["path"], decision["snapshot_epochs"])
-            metrics["negatives/refresh_seconds"] = decision["seconds"]
-        if decision["errors"]:
-            self.refresh_failures += len(decision["errors"])
+        if neg.pool_actors == 0:
+            errors = self.mine(epoch) if due else []
+        else:
+            decision = self._broadcast(self._pool_decision(epoch, due) if self.rank == 0
+                                       else None)
+            self.next_version = decision["next_version"]
+            if decision["path"]:
+                self._use_tables(decision["path"], decision["snapshot_epochs"])
+                metrics["negatives/refresh_seconds"] = decision["seconds"]
+            errors = decision["errors"]
+        if errors:
+            self.refresh_failures += len(errors)
             if self.rank == 0:
                 from aoq.cluster.tracking import set_tags
 
-                message = "; ".join(decision["errors"])
+                message = "; ".join(errors)
                 log.warning(f"negative refresh failed, training on table version "
                             f"{self.tables.version if self.tables else 0}: {message}")
                 set_tags(self.payload.run, {"aoq.warning.refresh": message[:4000]})
@@ -318,7 +385,7 @@ class WorkerSession:
         save_file(self.output_dir / BEST_MODEL_FILE, record)
         self.storage.push(self.output_dir / BEST_MODEL_FILE)
 
-    def _checkpoint_state(self, epoch: int) -> dict[str, Any]:
+    def _checkpoint_state(self, epoch: int, metrics: dict[str, float]) -> dict[str, Any]:
         return {
             "model": unwrap(self.model).state_dict(),
             "optimizer": self.optimizer.state_dict(),
@@ -332,6 +399,10 @@ class WorkerSession:
             "table_version": self.tables.version if self.tables is not None else 0,
             "table_staleness_epochs": (epoch - self.tables_epoch
                                        if self.tables_epoch is not None else None),
+            "refresh_failures": self.refresh_failures,
+            # What rank 0 logs for this epoch, so a restore can log what a kill lost.
+            "metrics": {k: float(v) for k, v in metrics.items()
+                        if isinstance(v, (int, float)) and not isinstance(v, bool)},
         }
 
     def run_epoch(self, epoch: int) -> None:
@@ -346,11 +417,12 @@ class WorkerSession:
         stats = train_epoch(self.model, self.loader, loss_fn, self.optimizer,
                             grad_clip=self.cfg.optim.grad_clip, device=self.device,
                             on_step=self._progress(epoch, len(self.sampler)),
-                            hardness_samples=HARDNESS_SAMPLES if self.rank == 0 else 0)
+                            hardness_samples=HARDNESS_SAMPLES if self.rank == 0 else 0,
+                            memory=self.memory)
         lr = self.optimizer.param_groups[0]["lr"]
         self.scheduler.step()
         metrics: dict[str, float] = {"epoch": epoch, "lr": lr, **stats.as_metrics(),
-                                     **refresh_metrics}
+                                     **refresh_metrics, **self.memory.as_metrics()}
         metrics["negatives/table_version"] = self.tables.version if self.tables else 0
         if self.tables is not None and self.tables_epoch is not None:
             metrics["negatives/staleness_epochs"] = epoch - self.tables_epoch
@@ -363,14 +435,19 @@ class WorkerSession:
                 self._save_best(epoch, dev["rsum"])
             metrics["dev/best_rsum"] = self.best_rsum
             metrics["time/epoch_wall_seconds"] = time.perf_counter() - wall_start
-            log_metrics(self.payload.run, metrics, step=epoch)
-            self._hardness_plot(epoch, stats.hardness)
             log.info(f"epoch {epoch + 1}/{self.cfg.optim.epochs}: loss "
                      f"{stats.terms.get('loss', 0):.3f} ({loss_fn.variant}), dev rsum "
                      f"{dev['rsum']:.1f} (best {self.best_rsum:.1f}), "
                      f"{stats.samples_per_second * self.world:.0f} pairs/s")
         self.last_metrics = metrics
         self._report(metrics, epoch)
+        self._barrier()  # every rank's part of the checkpoint is stored
+        if self.rank == 0:
+            # Only now, with the epoch's checkpoint stored: a kill before this line makes
+            # the restored run log the epoch from its checkpoint, a kill after it leaves a
+            # checkpoint to resume from; either way each epoch is logged once.
+            log_metrics(self.payload.run, metrics, step=epoch)
+            self._hardness_plot(epoch, stats.hardness)
 
     def _hardness_plot(self, epoch: int, hardness: dict[str, np.ndarray]) -> None:
         """Histogram of how close negatives come to positives, as an MLflow artifact."""
@@ -393,7 +470,7 @@ class WorkerSession:
 
         with tempfile.TemporaryDirectory(prefix="aoq-ckpt-") as tmp:
             if self.rank == 0:
-                save_file(Path(tmp) / STATE_FILE, self._checkpoint_state(epoch))
+                save_file(Path(tmp) / STATE_FILE, self._checkpoint_state(epoch, metrics))
             save_file(Path(tmp) / rng_file(self.rank), capture_rng())
             self.report(metrics, checkpoint=Checkpoint.from_directory(tmp))
 
@@ -476,6 +553,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     import ray.train.torch
 
     payload: WorkerPayload = config["payload"]
+    bound_http_requests()  # workers on other nodes do not inherit the driver's env
     log.setLevel(logging.INFO)
     _quiet_ray_train_reports()
     ctx = ray.train.get_context()
