@@ -41,9 +41,9 @@ def run_job(out: Path, name: str, overrides: list[str]):
     from aoq.cluster.job import run_training
     from aoq.config import load_config
 
-    cfg = load_config(None, [f"run.storage={out / 'runs'}", f"tracking.uri=sqlite:///{out / 'mlflow.db'}",
-                             f"run.name={name}", "run.resume=false", "run.cpus_per_worker=1",
-                             *overrides])
+    cfg = load_config(None, [f"run.storage={out / 'runs'}",
+                             f"tracking.uri=sqlite:///{out / 'mlflow.db'}", f"run.name={name}",
+                             "run.resume=false", "run.cpus_per_worker=1", *overrides])
     outcome = run_training(cfg)
     ray.shutdown()
     return outcome

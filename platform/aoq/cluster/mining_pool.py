@@ -7,8 +7,9 @@ The coordinator assembles the rows and publishes a new table version atomically.
 
 Faults: actors are created with ``max_restarts`` and their calls with
 ``max_task_retries`` (application errors included), so a killed actor is restarted by
-Ray and its in-flight shard is retried on it: the pool never shrinks (unlike ``ray.util.ActorPool``, which drops a dead
-actor). A shard that still fails after the retries fails the whole refresh; the caller
+Ray and its in-flight shard is retried on it: the pool never shrinks (unlike
+``ray.util.ActorPool``, which drops a dead actor). The same pool also scores evaluation
+splits in row shards (:meth:`MiningPool.score_split`). A shard that still fails after the retries fails the whole refresh; the caller
 keeps training on the tables it has.
 """
 
@@ -200,13 +201,15 @@ class MiningPool:
         shards = plan_shards(self.n_images, self.spec.shards or 2 * len(self.actors),
                              align=self.spec.embed_batch)
         weights_ref = ray.put({k: v.detach().cpu() for k, v in weights.items()})
-        embedded = self._run_phase("mining embed", shards, lambda actor, shard: self._retrying(actor.embed).remote(
-            version, weights_ref, shard, self.spec.embed_batch))
+        embedded = self._run_phase(
+            "mining embed", shards, lambda actor, shard: self._retrying(actor.embed).remote(
+                version, weights_ref, shard, self.spec.embed_batch))
         image_emb = np.concatenate([embedded[s.index][0] for s in shards])
         caption_emb = np.concatenate([embedded[s.index][1] for s in shards])
         images_ref, captions_ref = ray.put(image_emb), ray.put(caption_emb)
-        rows = self._run_phase("mining top-K", shards, lambda actor, shard: self._retrying(actor.topk).remote(
-            shard, images_ref, captions_ref, k_captions, k_images))
+        rows = self._run_phase(
+            "mining top-K", shards, lambda actor, shard: self._retrying(actor.topk).remote(
+                shard, images_ref, captions_ref, k_captions, k_images))
         i2t = np.concatenate([rows[s.index][0] for s in shards])
         t2i = np.concatenate([rows[s.index][1] for s in shards])
         return i2t, t2i

@@ -25,8 +25,9 @@ def mine_from_model(
     negatives from a global "mining model" (as the authors used VSRN for BFAN).
     """
     if not model.has_global_embedding:
-        raise ValueError(f"{type(model).__name__} has no global embedding; mine with a "
-                         "vse, vse_gpo or vsrn checkpoint instead (negatives.source=checkpoint:<path>)")
+        raise ValueError(f"{type(model).__name__} has no global embedding; mine with a vse, "
+                         "vse_gpo or vsrn checkpoint instead "
+                         "(negatives.source=checkpoint:<path>)")
     from aoq.negatives.mining import mine_candidates
 
     images, captions = encode_split(model, split)
