@@ -9,8 +9,8 @@ Faults: actors are created with ``max_restarts`` and their calls with
 ``max_task_retries`` (application errors included), so a killed actor is restarted by
 Ray and its in-flight shard is retried on it: the pool never shrinks (unlike
 ``ray.util.ActorPool``, which drops a dead actor). The same pool also scores evaluation
-splits in row shards (:meth:`MiningPool.score_split`). A shard that still fails after the retries fails the whole refresh; the caller
-keeps training on the tables it has.
+splits in row shards (:meth:`MiningPool.score_split`). A shard that still fails after
+the retries fails the whole refresh; the caller keeps training on the tables it has.
 """
 
 from __future__ import annotations
