@@ -35,6 +35,7 @@ __all__ = [
     "images_path",
     "iter_caption_lines",
     "read_precomp",
+    "write_captions",
     "write_precomp",
 ]
 
@@ -474,12 +475,27 @@ def write_precomp(
     _check_feature_layout(ims_path, tuple(images.shape), images.dtype)
     _check_finite(images, ims_path, progress=False)
 
+    _check_captions(caps_path, captions, int(images.shape[0]), captions_per_image)
+
+    directory.mkdir(parents=True, exist_ok=True)
+    contiguous = np.ascontiguousarray(images)
+
+    def write_images(fh: IO[bytes]) -> None:
+        np.lib.format.write_array(fh, contiguous, allow_pickle=False)
+
+    atomic_write(ims_path, write_images)
+    _write_captions_file(caps_path, captions)
+
+
+def _check_captions(caps_path: Path, captions: Sequence[str], n_images: int,
+                    captions_per_image: int) -> None:
+    """The caption rules :func:`read_precomp` enforces, checked before writing."""
     if isinstance(captions, (str, bytes)):
         raise DataError("captions must be a sequence of strings, not one string", path=caps_path)
-    expected = captions_per_image * int(images.shape[0])
+    expected = captions_per_image * n_images
     if len(captions) != expected:
         raise DataError(
-            f"{len(captions)} captions for {images.shape[0]} images: expected {expected} "
+            f"{len(captions)} captions for {n_images} images: expected {expected} "
             f"({captions_per_image} per image)",
             path=caps_path,
         )
@@ -499,16 +515,24 @@ def write_precomp(
             # The reader drops a leading BOM, so this caption would not read back as given.
             raise DataError("caption 0 starts with a byte order mark", path=caps_path, line=line)
 
-    directory.mkdir(parents=True, exist_ok=True)
-    contiguous = np.ascontiguousarray(images)
 
-    def write_images(fh: IO[bytes]) -> None:
-        np.lib.format.write_array(fh, contiguous, allow_pickle=False)
-
-    def write_captions(fh: IO[bytes]) -> None:
+def _write_captions_file(caps_path: Path, captions: Sequence[str]) -> None:
+    def write(fh: IO[bytes]) -> None:
         for caption in captions:
             fh.write(caption.encode("utf-8"))
             fh.write(b"\n")
 
-    atomic_write(ims_path, write_images)
-    atomic_write(caps_path, write_captions)
+    atomic_write(caps_path, write)
+
+
+def write_captions(directory: str | os.PathLike[str], split: str, captions: Sequence[str],
+                   n_images: int, *, captions_per_image: int = 5) -> None:
+    """Write only ``<split>_caps.txt`` (atomically, checked as :func:`write_precomp` does),
+    for a writer that streamed the features into ``<split>_ims.npy`` itself (the
+    ``scenes`` generator at COCO scale, whose 33 GB of features never fit in memory)."""
+    _check_split_name(split)
+    _check_captions_per_image(captions_per_image)
+    Path(directory).mkdir(parents=True, exist_ok=True)
+    caps_path = captions_path(directory, split)
+    _check_captions(caps_path, captions, n_images, captions_per_image)
+    _write_captions_file(caps_path, captions)

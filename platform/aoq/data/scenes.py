@@ -41,7 +41,7 @@ from pathlib import Path
 import numpy as np
 
 from aoq.atomic import atomic_write_text
-from aoq.data.precomp import write_precomp
+from aoq.data.precomp import images_path, write_captions
 
 #: Bump when the generator's output changes, so old caches are not reused.
 GENERATOR_VERSION = 3
@@ -344,13 +344,20 @@ def generate_scenes(cfg, directory: str | os.PathLike, *, progress: bool = False
         scenes = list(_family_scenes(sampler, n, cfg.family_size))
         # Families are generated together; shuffle so file order says nothing about them.
         scenes = [scenes[i] for i in rng.permutation(n)]
-        feats = np.empty((n, cfg.n_regions, cfg.feature_dim), dtype=np.float32)
+        # Features stream into a memory-mapped .npy, so a split of COCO's size (113k
+        # images x 36 x 2048 float32 = 33 GB) never has to fit in memory. Its
+        # completeness is marked by the manifest written last, as for every file here.
+        feats = np.lib.format.open_memmap(images_path(directory, split), mode="w+",
+                                          dtype=np.float32,
+                                          shape=(n, cfg.n_regions, cfg.feature_dim))
         captions: list[str] = []
         for i, scene in enumerate(scenes):
             feats[i] = renderer.render(scene, rng)
             captions.extend(captions_for(scene, rng))
             bar.update(1)
-        write_precomp(directory, split, feats, captions)
+        feats.flush()
+        del feats
+        write_captions(directory, split, captions, n)
     bar.close()
     manifest = {
         "generator_version": GENERATOR_VERSION,
