@@ -25,8 +25,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
 import platform
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -43,11 +45,10 @@ def run(out: Path, images: int, feature_dim: int, regions: int, k_captions: int,
     import torch
 
     from aoq.config import load_config
-    from aoq.data.batches import EpochBatchSampler, PairDataset, make_loader
     from aoq.data.prepare import open_split, prepare_data
     from aoq.models import build_model
     from aoq.negatives.from_model import mine_from_model
-    from aoq.negatives.tables import load_tables, save_tables
+    from aoq.negatives.tables import save_tables
     from aoq.training.memory import MemoryWatch
 
     cfg = load_config(None, [
@@ -77,13 +78,33 @@ def run(out: Path, images: int, feature_dim: int, regions: int, k_captions: int,
     result["memory_after_mining"] = memory.as_metrics("")
 
     # As a training worker has them: saved once, then memory-mapped.
+    shutil.rmtree(out / "tables", ignore_errors=True)  # a rerun replaces its tables
     version = save_tables(out / "tables", 1, i2t, t2i, epoch=0, source="coco_scale dry run")
-    del i2t, t2i
-    tables = load_tables(version, n_images=train.n_images)
-    dataset = PairDataset(train, sampling_range=cfg.negatives.sampling_range, tables=tables)
+    del i2t, t2i, model
+    # The data path runs in a fresh process, as in a training worker (mining runs in
+    # the pool's actors there): its memory then shows nothing the mining left behind.
+    ctx = multiprocessing.get_context("spawn")
+    with ctx.Pool(1) as pool:
+        result.update(pool.apply(data_path, (prepared, cfg.data.train_split, str(version),
+                                             cfg.negatives.sampling_range, batch_size,
+                                             max_batches, workers)))
+    return result
+
+
+def data_path(prepared, split: str, tables_path: str, sampling_range: int, batch_size: int,
+              max_batches: int, workers: int) -> dict:
+    """Draw one epoch of AOQ batches (3 blocks each) in this process; time and memory."""
+    from aoq.data.batches import EpochBatchSampler, PairDataset, make_loader
+    from aoq.data.prepare import open_split
+    from aoq.negatives.tables import load_tables
+    from aoq.training.memory import MemoryWatch
+
+    memory = MemoryWatch()
+    train = open_split(prepared, split)
+    tables = load_tables(tables_path, n_images=train.n_images)
+    dataset = PairDataset(train, sampling_range=sampling_range, tables=tables)
     sampler = EpochBatchSampler(len(dataset), batch_size)
     n_batches = len(sampler) if max_batches <= 0 else min(max_batches, len(sampler))
-    memory = MemoryWatch()  # the data path's own peaks
     start = time.perf_counter()
     pairs = 0
     for step, batch in enumerate(make_loader(dataset, sampler, workers)):
@@ -95,11 +116,10 @@ def run(out: Path, images: int, feature_dim: int, regions: int, k_captions: int,
             print(f"batch {step}/{n_batches} ({pairs / (time.perf_counter() - start):.0f} "
                   "pairs/s)", flush=True)
     memory.sample()
-    result["batches"] = n_batches
-    result["batch_seconds"] = time.perf_counter() - start
-    result["batch_pairs_per_second"] = pairs / result["batch_seconds"]
-    result["memory_data_path"] = memory.as_metrics("")
-    return result
+    seconds = time.perf_counter() - start
+    return {"batches": n_batches, "batch_seconds": seconds,
+            "batch_pairs_per_second": pairs / seconds,
+            "memory_data_path": memory.as_metrics("")}
 
 
 def main(argv: list[str] | None = None) -> dict:
