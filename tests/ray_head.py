@@ -1,6 +1,6 @@
 """A private Ray head for tests: loopback only, its own ports and temp dir, token auth,
-and a stop that ends exactly the processes this head started (never ``ray stop``,
-which would end every Ray on the machine, other people's included)."""
+and a stop that ends exactly the processes this head started, by PID (Ray's own stop
+command would end every Ray on the machine, other people's included)."""
 
 from __future__ import annotations
 
@@ -60,18 +60,21 @@ class RayHead:
                               cwd=cwd, capture_output=True, text=True, timeout=timeout)
 
     def processes(self) -> dict[int, psutil.Process]:
-        """This head's processes: the ray start process, everything whose command line
-        names this head's private temp dir (GCS, raylet, dashboard, agents, workers),
-        and all their descendants (a job's driver)."""
+        """This head's processes, by PID: the ``ray start`` process we spawned, every
+        process in the session it leads (it was started with ``start_new_session``, so
+        GCS, raylet, dashboard and agents inherit that session id even if re-parented),
+        and all their descendants (workers, a job's driver). Each call adds to ``seen``,
+        so a process that has since left the tree is still stopped."""
+        leader = self.process.pid
         found: dict[int, psutil.Process] = {}
-        for proc in psutil.process_iter(["cmdline"]):
+        for pid in psutil.pids():
             try:
-                if any(self.temp_dir in part for part in proc.info["cmdline"] or ()):
-                    found[proc.pid] = proc
-            except (psutil.NoSuchProcess, psutil.AccessDenied):
+                if os.getsid(pid) == leader:
+                    found[pid] = psutil.Process(pid)
+            except (OSError, psutil.NoSuchProcess):
                 continue
         try:
-            found[self.process.pid] = psutil.Process(self.process.pid)
+            found[leader] = psutil.Process(leader)
         except psutil.NoSuchProcess:
             pass
         for proc in list(found.values()):
