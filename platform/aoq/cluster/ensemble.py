@@ -27,13 +27,10 @@ def ensemble_label(n_models: int) -> str:
 
 def _pool_scores(model, record: dict, prepared: PreparedData, split: str, n_images: int,
                  actors: int, threads: int, shard_images: int) -> np.ndarray:
-    import ray
-
+    from aoq.cluster.job import connect_ray
     from aoq.cluster.mining_pool import MiningPool, PoolSpec
 
-    if not ray.is_initialized():
-        # Attach to $RAY_ADDRESS inside `ray job submit`, else a private local instance.
-        ray.init(address=os.environ.get("RAY_ADDRESS") or "local", logging_level="WARNING")
+    connect_ray()  # $RAY_ADDRESS inside `ray job submit`, else a private local Ray
     pool = MiningPool(PoolSpec(actors=actors, threads=threads), prepared,
                       split, record["model_config"],
                       name=f"aoq-eval-{os.getpid()}")

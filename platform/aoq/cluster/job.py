@@ -176,7 +176,7 @@ def initial_tables(cfg: Config, prepared: PreparedData, storage: RunStorage) -> 
     return str(saved)
 
 
-def _connect_ray(cfg: Config) -> bool:
+def connect_ray() -> bool:
     """Connect to ``$RAY_ADDRESS`` (e.g. inside ``ray job submit``) or start a local Ray.
 
     Returns True if this call started a local instance (then resources are known).
@@ -308,7 +308,7 @@ def run_training(cfg: Config, *, tags: dict[str, str] | None = None,
     tables = initial_tables(cfg, prepared, storage)
     # Before Ray: an unreachable or read-only store fails here, in seconds.
     check_store(resolve_tracking_uri(cfg.tracking), cfg.tracking.experiment)
-    started_local = _connect_ray(cfg)
+    started_local = connect_ray()
     if started_local:
         check_resources(cfg)
     with sigterm_raises() as sigterm:

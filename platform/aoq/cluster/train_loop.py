@@ -253,20 +253,25 @@ class WorkerSession:
         self._set_tables(tables, epoch)
         return []
 
-    def _start_pool(self) -> None:
-        """Rank 0 of a run that re-mines in the background owns the actor pool."""
+    def _new_pool(self, role: str = ""):
+        """An actor pool sized by ``negatives.pool_*`` holding this run's model."""
         from aoq.cluster.mining_pool import MiningPool, PoolSpec
-        from aoq.cluster.refresh import AsyncRefresher
 
         neg = self.cfg.negatives
         spec = PoolSpec(actors=neg.pool_actors, cpus=neg.pool_cpus, gpus=neg.pool_gpus,
                         threads=neg.pool_threads, shards=neg.pool_shards)
-        pool = MiningPool(spec, self.prepared, self.cfg.data.train_split,
-                          dataclasses.asdict(self.cfg.model),
-                          # The pid keeps names unique when a restarted rank 0 builds a new
-                          # pool before Ray has reaped the old one's actors.
-                          name=f"{POOL_NAME_PREFIX}{self.output_dir.name}-{os.getpid()}")
-        self.refresher = AsyncRefresher(pool, tables_root(self.output_dir), neg.k_captions,
+        # The pid keeps names unique when a restarted rank 0 builds a new pool before
+        # Ray has reaped the old one's actors.
+        name = f"{POOL_NAME_PREFIX}{self.output_dir.name}-{role}{os.getpid()}"
+        return MiningPool(spec, self.prepared, self.cfg.data.train_split,
+                          dataclasses.asdict(self.cfg.model), name=name)
+
+    def _start_pool(self) -> None:
+        """Rank 0 of a run that re-mines in the background owns the actor pool."""
+        from aoq.cluster.refresh import AsyncRefresher
+
+        neg = self.cfg.negatives
+        self.refresher = AsyncRefresher(self._new_pool(), tables_root(self.output_dir), neg.k_captions,
                                         neg.k_images, publish=self.storage.push)
 
     def _pool_decision(self, epoch: int, due: bool) -> dict[str, Any]:
@@ -495,16 +500,9 @@ class WorkerSession:
         def progress(done: int, total: int) -> None:
             log.info(f"scoring {split_name}: shard {done}/{total}")
 
-        neg = self.cfg.negatives
-        if core.has_global_embedding or neg.pool_actors == 0:
+        if core.has_global_embedding or self.cfg.negatives.pool_actors == 0:
             return score_split(core, test, progress=progress)
-        from aoq.cluster.mining_pool import MiningPool, PoolSpec
-
-        pool = MiningPool(PoolSpec(actors=neg.pool_actors, cpus=neg.pool_cpus,
-                                   gpus=neg.pool_gpus, threads=neg.pool_threads),
-                          self.prepared, self.cfg.data.train_split,
-                          dataclasses.asdict(self.cfg.model),
-                          name=f"{POOL_NAME_PREFIX}{self.output_dir.name}-eval-{os.getpid()}")
+        pool = self._new_pool("eval-")
         try:
             return pool.score_split(core.state_dict(), split_name, n_images,
                                     shard_images=max(1, -(-n_images // (2 * len(pool)))))

@@ -358,7 +358,7 @@ def run_study(spec: StudySpec, *, resume: bool = False) -> StudyOutcome:
     import ray
     from ray import tune
 
-    from aoq.cluster.job import _connect_ray, check_config_against_data
+    from aoq.cluster.job import check_config_against_data, connect_ray
     from aoq.cluster.tracking import log_metrics
     from aoq.data.prepare import prepare_data
 
@@ -376,7 +376,7 @@ def run_study(spec: StudySpec, *, resume: bool = False) -> StudyOutcome:
     overrides = _shared_tables(cfg, prepared, directory)
     shared_source = overrides[0].split("=", 1)[1] if overrides else cfg.negatives.source
     _check_table_width(space, shared_source, cfg, prepared)
-    _connect_ray(cfg)
+    connect_ray()
     limit = concurrency(cfg, spec, ray.cluster_resources().get("CPU", 0))
     save_spec(spec, directory)  # only a study that can run is one that can be resumed
     parent = open_parent_run(cfg, spec, space)
