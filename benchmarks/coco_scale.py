@@ -94,7 +94,7 @@ def run(out: Path, images: int, feature_dim: int, regions: int, k_captions: int,
 def data_path(prepared, split: str, tables_path: str, sampling_range: int, batch_size: int,
               max_batches: int, workers: int) -> dict:
     """Draw one epoch of AOQ batches (3 blocks each) in this process; time and memory."""
-    from aoq.data.batches import EpochBatchSampler, PairDataset, make_loader
+    from aoq.training.batches import EpochBatchSampler, PairDataset, make_loader
     from aoq.data.prepare import open_split
     from aoq.negatives.tables import load_tables
     from aoq.training.memory import MemoryWatch

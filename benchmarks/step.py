@@ -55,7 +55,7 @@ def profile_steps(checkpoint: str, steps: int, extra: list[str]) -> dict[str, fl
     from torch.profiler import ProfilerActivity, profile, record_function
 
     from aoq.config import load_config
-    from aoq.data.batches import EpochBatchSampler, PairDataset, make_loader
+    from aoq.training.batches import EpochBatchSampler, PairDataset, make_loader
     from aoq.data.prepare import open_split, prepare_data
     from aoq.losses import AOQLoss
     from aoq.models import build_model

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+import aoq.models  # noqa: F401 - registers the model names that config validation checks
+
 # Small enough to train in seconds on 2 cores, big enough for every code path
 # (two DDP ranks with several steps each, mining with K < n, 1K-style evaluation).
 SMALL_SCENES = [

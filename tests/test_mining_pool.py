@@ -17,7 +17,7 @@ from aoq.cluster.refresh import AsyncRefresher
 from aoq.config import load_config
 from aoq.data.prepare import open_split, prepare_data
 from aoq.models import build_model
-from aoq.evaluation.encode import encode_split
+from aoq.models.encode import encode_split
 from aoq.negatives.mining import mine_candidates
 from aoq.negatives.tables import list_versions, load_tables
 

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from aoq.config import ConfigError, ModelConfig, load_config
-from aoq.data.batches import Batch
+from aoq.training.batches import Batch
 from aoq.losses import AOQLoss
 from aoq.models import available_models, build_model, count_parameters
 from aoq.models.cross_attention import focal_reattend, pack_words, pad_cat
@@ -252,7 +252,7 @@ def test_cross_attention_models_cannot_mine_their_own_negatives(tmp_path: Path) 
 
 def test_old_model_records_load_with_new_fields_defaulted(tmp_path: Path) -> None:
     """A best_model.pt written before the new model options existed still loads."""
-    from aoq.training.checkpoint import load_model, model_record, save_file
+    from aoq.models.files import load_model, model_record, save_file
 
     cfg = ModelConfig(name="vse", embed_dim=16, word_dim=12)
     model = build_model(cfg, VOCAB, IMG_DIM)

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from aoq.data import DataError
-from aoq.data.batches import BatchRequest, EpochBatchSampler, PairDataset
+from aoq.training.batches import BatchRequest, EpochBatchSampler, PairDataset
 from aoq.data.captions import TokenizedCaptions
 from aoq.data.prepare import SplitArrays
 from aoq.negatives.sampling import draw_offline, sampling_rng
@@ -154,7 +154,7 @@ def test_epoch_sampler_shards_disjointly_and_reshuffles() -> None:
 
 def test_encode_split_respects_max_images() -> None:
     from aoq.config import ModelConfig
-    from aoq.evaluation.encode import encode_split
+    from aoq.models.encode import encode_split
     from aoq.evaluation.scoring import score_split
     from aoq.models import build_model
 

@@ -21,8 +21,9 @@ import torch
 
 from aoq.data import DataError
 from aoq.negatives.tables import list_versions, load_tables, save_tables
+from aoq.models.files import load_model
 from aoq.training.checkpoint import (
-    STATE_FILE, CheckpointError, capture_rng, load_checkpoint, load_file, load_model,
+    STATE_FILE, CheckpointError, capture_rng, load_checkpoint, load_file,
     newest_complete_checkpoint, restore_rng, rng_file, save_file,
 )
 

@@ -59,7 +59,7 @@ def test_pool_scores_equal_local_scores_and_ensembles_average(prepared, local_ra
                                                                tmp_path: Path) -> None:
     from aoq.cluster.ensemble import ensemble_label, ensemble_scores
     from aoq.cluster.mining_pool import MiningPool, PoolSpec
-    from aoq.training.checkpoint import model_record, save_file
+    from aoq.models.files import model_record, save_file
 
     cfg, data = prepared
     test = open_split(data, "test")
@@ -97,7 +97,7 @@ def test_a_cross_attention_checkpoint_is_refused_as_mining_model(prepared, tmp_p
                                                                  ) -> None:
     from aoq.data import DataError
     from aoq.negatives.checkpoints import mine_from_checkpoint
-    from aoq.training.checkpoint import model_record, save_file
+    from aoq.models.files import model_record, save_file
 
     cfg, data = prepared
     model, model_cfg = model_for(cfg, data, "bfan")
@@ -116,7 +116,7 @@ def test_evaluate_job_prints_and_writes_a_labelled_ensemble(prepared, scenes_cac
     import json
 
     from aoq.evaluation import retrieval_metrics
-    from aoq.training.checkpoint import model_record, save_file
+    from aoq.models.files import model_record, save_file
 
     cfg, data = prepared
     test = open_split(data, "test")

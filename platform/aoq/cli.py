@@ -6,7 +6,10 @@ import argparse
 import sys
 from collections.abc import Callable, Sequence
 
+import aoq.models  # noqa: F401 - registers the model names that config validation checks
 from aoq.config import Config, ConfigError, load_config, options_help
+from aoq.data.errors import DataError
+from aoq.models.files import CheckpointError
 
 OVERRIDE_HELP = """\
 Configuration: defaults < --config FILE (YAML) < overrides.
@@ -37,9 +40,6 @@ def load_from_args(args: argparse.Namespace) -> Config:
 def run_cli(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | None = None
             ) -> None:
     """Run ``main`` and turn input errors into a one-paragraph message and exit code 2."""
-    from aoq.data.errors import DataError
-    from aoq.training.checkpoint import CheckpointError
-
     try:
         code = main(argv)
     except (ConfigError, DataError, CheckpointError) as exc:

@@ -25,8 +25,8 @@ from aoq.cluster.tracking import (
     RunHandle, end_run, ensure_experiment, find_run, log_artifact, log_metrics,
     resolve_tracking_uri,
 )
-from aoq.cluster.train_loop import TEST_METRICS_FILE
 from aoq.config import Config, load_config
+from aoq.training.run_files import TEST_METRICS_FILE
 
 METRIC_KEYS = ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "rsum")
 

@@ -15,8 +15,11 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from aoq.cluster.job import connect_ray
+from aoq.cluster.mining_pool import MiningPool, PoolSpec
 from aoq.data.prepare import PreparedData, open_split
 from aoq.evaluation.scoring import allocate_scores, n_scored_images, score_split
+from aoq.models.files import load_model
 
 log = logging.getLogger("aoq.evaluate")
 
@@ -27,9 +30,6 @@ def ensemble_label(n_models: int) -> str:
 
 def _pool_scores(model, record: dict, prepared: PreparedData, split: str, n_images: int,
                  actors: int, threads: int, shard_images: int) -> np.ndarray:
-    from aoq.cluster.job import connect_ray
-    from aoq.cluster.mining_pool import MiningPool, PoolSpec
-
     connect_ray()  # $RAY_ADDRESS inside `ray job submit`, else a private local Ray
     pool = MiningPool(PoolSpec(actors=actors, threads=threads), prepared,
                       split, record["model_config"],
@@ -50,8 +50,6 @@ def ensemble_scores(checkpoints: Sequence[str | os.PathLike], prepared: Prepared
         pool_actors: score shards on this many Ray actors (0 = in this process).
         out_path: keep the running sum memory-mapped in this ``.npy`` file.
     """
-    from aoq.training.checkpoint import load_model
-
     arrays = open_split(prepared, split)
     n_images = n_scored_images(arrays, 0)
     total = allocate_scores((n_images, arrays.captions_per_image * n_images), out_path)

@@ -20,17 +20,26 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import ray
+from ray.train import (
+    CheckpointConfig, FailureConfig, RunConfig, ScalingConfig, TrainingFailedError,
+)
+from ray.train.torch import TorchTrainer
+
+from aoq.atomic import atomic_write_text
 from aoq.cluster.tracking import (
     RunHandle, check_store, end_run, git_commit, log_artifact, resolve_tracking_uri, start_run,
 )
-from aoq.cluster.train_loop import (
-    BEST_MODEL_FILE, TEST_METRICS_FILE, WorkerPayload, tables_root, train_loop_per_worker,
-)
-from aoq.atomic import atomic_write_text
-from aoq.config import Config, ConfigError, config_to_dict, dump_yaml, parse_negative_source
+from aoq.cluster.train_loop import WorkerPayload, train_loop_per_worker
+from aoq.config import Config, ConfigError, dump_yaml, parse_negative_source
 from aoq.data.prepare import PreparedData, open_split, prepare_data
+from aoq.negatives.checkpoints import mine_from_checkpoint
 from aoq.negatives.schedule import mines_during_training, uses_offline
+from aoq.negatives.tables import load_tables, save_tables, version_dir
 from aoq.storage import RunStorage
+from aoq.training.run_files import (
+    BEST_MODEL_FILE, CONFIG_FILE, RECALL_PLOT_FILE, TEST_METRICS_FILE, tables_root,
+)
 
 
 @dataclass(frozen=True)
@@ -124,8 +133,6 @@ def check_outputs_outlive_job(cfg: Config, cwd: Path | None = None) -> None:
     if not os.environ.get(SUBMITTED_JOB_ENV):
         return
     cwd = (cwd or Path.cwd()).resolve()
-    from aoq.cluster.tracking import resolve_tracking_uri
-
     places = {"run.storage": "" if "://" in cfg.run.storage else cfg.run.storage}
     uri = resolve_tracking_uri(cfg.tracking)
     places["tracking.uri"] = uri[len("sqlite:///"):] if uri.startswith("sqlite:///") else (
@@ -153,8 +160,6 @@ def initial_tables(cfg: Config, prepared: PreparedData, storage: RunStorage) -> 
     kind, path = parse_negative_source(cfg.negatives.source)
     if kind == "mine":
         return None
-    from aoq.negatives.tables import load_tables, save_tables, version_dir
-
     train = prepared.splits[cfg.data.train_split]
     if kind == "tables":
         tables = load_tables(path, n_images=train.n_images,
@@ -166,8 +171,6 @@ def initial_tables(cfg: Config, prepared: PreparedData, storage: RunStorage) -> 
     root = tables_root(storage.work_dir)
     if storage.pull(version_dir(root, 1)):
         return str(version_dir(root, 1))
-    from aoq.negatives.checkpoints import mine_from_checkpoint
-
     i2t, t2i, meta = mine_from_checkpoint(path, open_split(prepared, cfg.data.train_split),
                                           cfg.negatives, vocab_size=prepared.vocab_size,
                                           progress=True)
@@ -181,8 +184,6 @@ def connect_ray() -> bool:
 
     Returns True if this call started a local instance (then resources are known).
     """
-    import ray
-
     if ray.is_initialized():
         return False
     if os.environ.get("RAY_ADDRESS"):
@@ -195,8 +196,6 @@ def connect_ray() -> bool:
 
 def check_resources(cfg: Config) -> None:
     """Refuse a worker group the cluster can never place, instead of waiting forever."""
-    import ray
-
     total = ray.cluster_resources()
     need_cpu = cfg.run.num_workers * cfg.run.cpus_per_worker
     if total.get("CPU", 0) + 1e-9 < need_cpu:
@@ -224,8 +223,6 @@ def check_resources(cfg: Config) -> None:
 
 
 def use_gpu(cfg: Config) -> bool:
-    import ray
-
     if cfg.run.device == "cpu":
         return False
     if cfg.run.device == "cuda":
@@ -237,9 +234,6 @@ def build_trainer(cfg: Config, payload: WorkerPayload, run_name: str,
                   callbacks: Sequence[Any] = ()):
     """A TorchTrainer for this job (gloo on CPU, NCCL with one GPU per worker);
     ``callbacks`` are Ray Train callbacks (a Tune trial passes TuneReportCallback)."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
     gpu = use_gpu(cfg)
     resources = {"CPU": cfg.run.cpus_per_worker, **({"GPU": 1} if gpu else {})}
     return TorchTrainer(
@@ -271,7 +265,7 @@ def _run_tags(cfg: Config, prepared: PreparedData) -> dict[str, str]:
 
 def _log_outputs(handle: RunHandle, storage: RunStorage) -> None:
     """Log the run's final files; rank 0 may have written them on another node."""
-    for name in (BEST_MODEL_FILE, TEST_METRICS_FILE, "recall_curves.png"):
+    for name in (BEST_MODEL_FILE, TEST_METRICS_FILE, RECALL_PLOT_FILE):
         path = storage.work_dir / name
         if storage.pull(path):
             log_artifact(handle, path)
@@ -303,8 +297,8 @@ def run_training(cfg: Config, *, tags: dict[str, str] | None = None,
                           "another name or set run.resume=true to continue it")
     output_dir = storage.work_dir
     output_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(output_dir / "config.yaml", dump_yaml(cfg))
-    storage.push(output_dir / "config.yaml")
+    atomic_write_text(output_dir / CONFIG_FILE, dump_yaml(cfg))
+    storage.push(output_dir / CONFIG_FILE)
     tables = initial_tables(cfg, prepared, storage)
     # Before Ray: an unreachable or read-only store fails here, in seconds.
     check_store(resolve_tracking_uri(cfg.tracking), cfg.tracking.experiment)
@@ -316,7 +310,7 @@ def run_training(cfg: Config, *, tags: dict[str, str] | None = None,
                            resume=cfg.run.resume)
         print(f"[aoq] run {run_name!r}: MLflow run {handle.run_id} at {handle.tracking_uri}",
               flush=True)
-        payload = WorkerPayload(config=config_to_dict(cfg), prepared=prepared, run=handle,
+        payload = WorkerPayload(config=cfg, prepared=prepared, run=handle,
                                 output_dir=str(output_dir), initial_tables=tables)
         try:
             test_metrics = _fit(cfg, payload, run_name, callbacks, storage)
@@ -349,8 +343,6 @@ def _fit(cfg: Config, payload: WorkerPayload, run_name: str, callbacks: Sequence
         TrainingFailed: when training failed on all ``run.max_failures + 1`` attempts
             (Ray restarts the worker group from the latest checkpoint after each).
     """
-    from ray.train import TrainingFailedError
-
     try:
         result = build_trainer(cfg, payload, run_name, callbacks).fit()
         if getattr(result, "error", None) is not None:
@@ -367,7 +359,3 @@ def _fit(cfg: Config, payload: WorkerPayload, run_name: str, callbacks: Sequence
     storage.pull(storage.work_dir / TEST_METRICS_FILE)
     return json.loads((storage.work_dir / TEST_METRICS_FILE).read_text())
 
-
-def outcome_summary(outcome: TrainingOutcome) -> dict[str, Any]:
-    return {"run_name": outcome.run_name, "run_id": outcome.run_id,
-            "output_dir": outcome.output_dir, "seconds": round(outcome.seconds, 1)}

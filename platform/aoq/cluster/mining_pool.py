@@ -16,15 +16,20 @@ the retries fails the whole refresh; the caller keeps training on the tables it 
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import ray
+import torch
 
+from aoq.config import ModelConfig, section_from_dict
 from aoq.data.prepare import PreparedData, open_split
-from aoq.evaluation.encode import encode_range
+from aoq.models import build_model
+from aoq.models.encode import encode_range
 from aoq.evaluation.scoring import allocate_scores, plan_score_shards, score_rows
 from aoq.negatives.shards import Shard, mine_shard, plan_shards
 
@@ -64,11 +69,6 @@ class MiningWorker:
 
     def __init__(self, prepared: PreparedData, split: str, model_cfg: dict[str, Any],
                  threads: int) -> None:
-        import torch
-
-        from aoq.config import ModelConfig, section_from_dict
-        from aoq.models import build_model
-
         torch.set_num_threads(max(1, threads))
         self.prepared = prepared
         self.split = open_split(prepared, split)
@@ -81,14 +81,10 @@ class MiningWorker:
         self.model.to(self.device)
 
     def pid(self) -> int:
-        import os
-
         return os.getpid()
 
     def node(self) -> str:
         """The Ray node id this actor runs on (where a shard's work actually happens)."""
-        import ray
-
         return ray.get_runtime_context().get_node_id()
 
     def _load(self, version: int, weights: dict[str, Any]) -> None:
@@ -131,8 +127,6 @@ class MiningPool:
         """Start ``spec.actors`` actors of ``worker`` (default :class:`MiningWorker`);
         with ``name``, actor i is named ``f"{name}-{i}"`` (visible in the Ray dashboard,
         and reachable with ``ray.get_actor``)."""
-        import ray
-
         self.spec = spec
         self.n_images = prepared.splits[split].n_images
         self.captions_per_image = prepared.captions_per_image
@@ -164,8 +158,6 @@ class MiningPool:
 
         Results are returned by shard index, or handed to ``sink(shard, result)`` as
         they arrive (and not kept) when a sink is given."""
-        import ray
-
         pending = list(shards)
         running: dict[Any, tuple[int, Shard]] = {}
         results: dict[int, Any] = {}
@@ -196,8 +188,6 @@ class MiningPool:
     def mine(self, weights: dict[str, Any], version: int, k_captions: int, k_images: int
              ) -> tuple[np.ndarray, np.ndarray]:
         """Exact (i2t, t2i) for the training split under ``weights``."""
-        import ray
-
         shards = plan_shards(self.n_images, self.spec.shards or 2 * len(self.actors),
                              align=self.spec.embed_batch)
         weights_ref = ray.put({k: v.detach().cpu() for k, v in weights.items()})
@@ -219,8 +209,6 @@ class MiningPool:
         """The (n_images, cpi * n_images) score matrix of ``split``'s first ``n_images``
         images under ``weights``, one row shard per actor call, rows streamed into RAM or
         into the memory-mapped ``out_path`` as shards finish."""
-        import ray
-
         self._scorings += 1
         version = f"scoring-{self._scorings}"  # never equal to a mining version
         shards = plan_score_shards(n_images, shard_images, self.spec.embed_batch)
@@ -239,8 +227,6 @@ class MiningPool:
         return out
 
     def shutdown(self) -> None:
-        import ray
-
         for actor in self.actors:
             ray.kill(actor, no_restart=True)
         self.actors = []

@@ -23,13 +23,24 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+import ray
+from ray import tune
+from ray.tune.integration.ray_train import TuneReportCallback
+from ray.tune.schedulers import ASHAScheduler
+from ray.tune.search import BasicVariantGenerator
 
 from aoq.atomic import atomic_write_text
+from aoq.cluster.job import check_config_against_data, connect_ray, run_training
 from aoq.cluster.tracking import (
-    RunHandle, end_run, ensure_experiment, find_run, log_artifact, resolve_tracking_uri,
+    RUN_NAME_TAG, RunHandle, end_run, ensure_experiment, find_run, log_artifact, log_metrics,
+    resolve_tracking_uri,
 )
 from aoq.config import Config, ConfigError, dump_yaml, load_config, parse_negative_source
 from aoq.config.tune_space import ParamSpec, TuneSpace, as_overrides, load_space
+from aoq.data.prepare import PreparedData, open_split, prepare_data
+from aoq.negatives.checkpoints import mine_from_checkpoint
+from aoq.negatives.schedule import mines_during_training, uses_offline
+from aoq.negatives.tables import list_versions, load_tables, save_tables, version_dir
 
 STUDY_FILE = "study.json"
 STUDY_KIND_TAG = "aoq.kind"
@@ -110,8 +121,6 @@ def load_spec(directory: Path) -> StudySpec:
 
 def per_trial_cpus(cfg: Config, trial_cpus: float) -> float:
     """CPUs one trial holds: its driver function, its workers, its mining actors."""
-    from aoq.negatives.schedule import mines_during_training
-
     need = trial_cpus + cfg.run.num_workers * cfg.run.cpus_per_worker
     if cfg.negatives.pool_actors and mines_during_training(cfg.negatives, cfg.loss):
         need += cfg.negatives.pool_actors * cfg.negatives.pool_cpus
@@ -145,8 +154,6 @@ def concurrency(cfg: Config, spec: StudySpec, cluster_cpus: float) -> int:
 
 
 def tune_distribution(p: ParamSpec) -> Any:
-    from ray import tune
-
     if p.distribution == "grid":
         return tune.grid_search(list(p.values))
     if p.distribution == "choice":
@@ -166,11 +173,6 @@ def trial_name(study: str, trial_id: str) -> str:
 def run_trial(config: dict[str, Any], ctx: TrialContext) -> None:
     """One trial: the sampled values on top of the study's config, trained to the end
     (or until the scheduler stops it), reporting every epoch to Tune."""
-    from ray import tune
-    from ray.tune.integration.ray_train import TuneReportCallback
-
-    from aoq.cluster.job import run_training
-
     trial_id = tune.get_context().get_trial_id()
     name = trial_name(ctx.study, trial_id)
     sampled = {k: config[k] for k in ctx.keys}
@@ -187,8 +189,6 @@ def run_trial(config: dict[str, Any], ctx: TrialContext) -> None:
 def scheduler_for(spec: StudySpec, space: TuneSpace, epochs: int) -> Any:
     if spec.scheduler == "fifo":
         return None
-    from ray.tune.schedulers import ASHAScheduler
-
     # The epoch index every report carries is the time axis: wall time would make
     # ASHA's rungs depend on how busy the machine was. max_t = epochs is never reached
     # by an index (0 .. epochs-1), so ASHA only ever stops the weaker trials early and a
@@ -213,8 +213,6 @@ def open_parent_run(cfg: Config, spec: StudySpec, space: TuneSpace) -> RunHandle
     if existing is not None:
         client.update_run(existing.info.run_id, status="RUNNING")
         return RunHandle(uri, existing.info.run_id, experiment_id)
-    from aoq.cluster.tracking import RUN_NAME_TAG
-
     run = client.create_run(experiment_id, run_name=run_name, tags={
         RUN_NAME_TAG: run_name, STUDY_TAG: spec.name, STUDY_KIND_TAG: "tune-study",
         **cfg.tracking.tags})
@@ -355,13 +353,6 @@ def run_study(spec: StudySpec, *, resume: bool = False) -> StudyOutcome:
     Raises:
         ConfigError: bad space, config or resources, before any trial starts.
     """
-    import ray
-    from ray import tune
-
-    from aoq.cluster.job import check_config_against_data, connect_ray
-    from aoq.cluster.tracking import log_metrics
-    from aoq.data.prepare import prepare_data
-
     cfg = load_config(spec.config, spec.overrides)
     space = load_space(spec.space, spec.config, spec.overrides)
     if spec.scheduler not in ("asha", "fifo"):
@@ -394,8 +385,6 @@ def run_study(spec: StudySpec, *, resume: bool = False) -> StudyOutcome:
             tuner = tune.Tuner.restore(str(tune_path), trainable=trainable,
                                        resume_unfinished=True, resume_errored=True)
         else:
-            from ray.tune.search import BasicVariantGenerator
-
             tuner = tune.Tuner(
                 trainable,
                 param_space={p.key: tune_distribution(p) for p in space.params},
@@ -434,11 +423,9 @@ def run_study(spec: StudySpec, *, resume: bool = False) -> StudyOutcome:
     return StudyOutcome(str(directory), parent.run_id, table, str(best_path))
 
 
-def _check_table_width(space: TuneSpace, source: str, cfg: Config, prepared: Any) -> None:
+def _check_table_width(space: TuneSpace, source: str, cfg: Config,
+                       prepared: PreparedData) -> None:
     """Every sampled h must fit the shared tables; say so before any trial starts."""
-    from aoq.negatives.schedule import uses_offline
-    from aoq.negatives.tables import load_tables
-
     kind, path = parse_negative_source(source)
     if kind != "tables" or not uses_offline(cfg.loss):
         return
@@ -453,7 +440,8 @@ def _check_table_width(space: TuneSpace, source: str, cfg: Config, prepared: Any
                           "columns; mine them with negatives.k_captions >= the largest h")
 
 
-def _shared_tables(cfg: Config, prepared: Any, directory: Path) -> tuple[str, ...]:
+def _shared_tables(cfg: Config, prepared: PreparedData, directory: Path
+                   ) -> tuple[str, ...]:
     """Mine a first-round model's tables once for the whole study.
 
     With ``negatives.source=checkpoint:<model>`` every trial would otherwise mine the
@@ -461,15 +449,9 @@ def _shared_tables(cfg: Config, prepared: Any, directory: Path) -> tuple[str, ..
     (``tables:``). ``tables:`` sources are shared already; ``mine`` trains each
     trial's own model, whose tables are necessarily its own.
     """
-    from aoq.negatives.schedule import uses_offline
-
     kind, path = parse_negative_source(cfg.negatives.source)
     if kind != "checkpoint" or not uses_offline(cfg.loss):
         return ()
-    from aoq.data.prepare import open_split
-    from aoq.negatives.checkpoints import mine_from_checkpoint
-    from aoq.negatives.tables import list_versions, save_tables, version_dir
-
     root = directory / "shared_tables"
     if list_versions(root):
         return (f"negatives.source=tables:{version_dir(root, list_versions(root)[-1])}",)

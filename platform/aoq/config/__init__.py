@@ -1,7 +1,7 @@
 """Typed configuration: dataclasses, YAML + dotted overrides, one validation pass."""
 
+from aoq.config.errors import ConfigError
 from aoq.config.loader import (
-    ConfigError,
     config_from_dict,
     config_to_dict,
     dump_yaml,

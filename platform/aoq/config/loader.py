@@ -18,14 +18,12 @@ from typing import Any
 
 import yaml
 
-from aoq.config.schema import Config
+from aoq.config.errors import ConfigError
+from aoq.config.schema import Config, iter_options
+from aoq.config.validation import validate
 
 _TRUE = {"true", "yes", "on", "1"}
 _FALSE = {"false", "no", "off", "0"}
-
-
-class ConfigError(ValueError):
-    """A config value, key or file is wrong; the message names the key (or file and line)."""
 
 
 # --------------------------------------------------------------------------- YAML
@@ -251,8 +249,6 @@ def load_config(
     Raises:
         ConfigError: naming the key (or file and line) and what is allowed.
     """
-    from aoq.config.validation import validate
-
     cfg = Config()
     if path is not None:
         _merge(cfg, read_yaml(path))
@@ -265,8 +261,6 @@ def load_config(
 
 def config_from_dict(values: Mapping[str, Any]) -> Config:
     """Rebuild a validated Config from :func:`config_to_dict` output (e.g. on a worker)."""
-    from aoq.config.validation import validate
-
     cfg = Config()
     _merge(cfg, values)
     validate(cfg)
@@ -304,20 +298,6 @@ def flatten(cfg: Config) -> dict[str, str]:
 
     walk(config_to_dict(cfg), "")
     return out
-
-
-def iter_options(cfg: Config | None = None) -> typing.Iterator[tuple[str, Any, str, dict]]:
-    """Yield (dotted key, default, help, metadata) for every leaf option."""
-
-    def walk(obj: Any, prefix: str):
-        for f in dataclasses.fields(obj):
-            value = getattr(obj, f.name)
-            if dataclasses.is_dataclass(value):
-                yield from walk(value, f"{prefix}{f.name}.")
-            else:
-                yield f"{prefix}{f.name}", value, f.metadata.get("help", ""), dict(f.metadata)
-
-    yield from walk(cfg or Config(), "")
 
 
 def options_help() -> str:

@@ -8,6 +8,8 @@ single file. Functions downstream receive the section they need (``cfg.loss``,
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -263,3 +265,17 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     run: RunConfig = field(default_factory=RunConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+
+def iter_options(cfg: Config | None = None) -> Iterator[tuple[str, Any, str, dict]]:
+    """Yield (dotted key, default, help, metadata) for every leaf option."""
+
+    def walk(obj: Any, prefix: str):
+        for f in dataclasses.fields(obj):
+            value = getattr(obj, f.name)
+            if dataclasses.is_dataclass(value):
+                yield from walk(value, f"{prefix}{f.name}.")
+            else:
+                yield f"{prefix}{f.name}", value, f.metadata.get("help", ""), dict(f.metadata)
+
+    yield from walk(cfg or Config(), "")

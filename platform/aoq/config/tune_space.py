@@ -30,7 +30,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from aoq.config.loader import ConfigError, iter_options, load_config, read_yaml
+from aoq.config.errors import ConfigError
+from aoq.config.loader import load_config, read_yaml
+from aoq.config.schema import iter_options
 
 RANGE_DISTRIBUTIONS = ("uniform", "loguniform", "randint", "quniform", "qloguniform",
                        "qrandint")

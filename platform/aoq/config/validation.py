@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import math
 
-from aoq.config.loader import ConfigError, iter_options
-from aoq.config.schema import Config
+from aoq.config.errors import ConfigError
+from aoq.config.model_catalog import known_models, model_traits
+from aoq.config.schema import Config, iter_options
 
 NEGATIVE_SOURCES = ("mine", "checkpoint:<path>", "tables:<path>")
 
@@ -84,23 +85,21 @@ def _cross_problems(cfg: Config) -> list[str]:
             f"negatives.k_captions={neg.k_captions}: the scenes train split has only "
             f"{data.scenes.n_train * data.captions_per_image} captions"
         )
-    try:
-        from aoq.models.registry import available_models, has_global_embedding
-
-        names = available_models()
-        if cfg.model.name not in names:
-            problems.append(f"model.name={cfg.model.name!r}: must be one of "
-                            f"{', '.join(map(repr, names))}")
-        elif loss.variant != "triplet" and kind == "mine" and not has_global_embedding(
-                cfg.model.name):
-            problems.append(
-                f"negatives.source='mine': model.name={cfg.model.name!r} scores pairs by cross "
-                "attention and has no global embedding to mine the whole training set with; "
-                "train a vse, vse_gpo or vsrn model first and set negatives.source="
-                "checkpoint:<its best_model.pt> (the authors mined BFAN's negatives with VSRN), "
-                "or negatives.source=tables:<dir>")
-    except ImportError:  # pragma: no cover - aoq.models always ships with aoq
-        pass
+    names = known_models()
+    if not names:
+        raise RuntimeError("no models are registered: import aoq.models before validating a "
+                           "config (it registers every model's name and kind)")
+    traits = model_traits(cfg.model.name)
+    if traits is None:
+        problems.append(f"model.name={cfg.model.name!r}: must be one of "
+                        f"{', '.join(map(repr, names))}")
+    elif loss.variant != "triplet" and kind == "mine" and not traits.global_embedding:
+        problems.append(
+            f"negatives.source='mine': model.name={cfg.model.name!r} scores pairs by cross "
+            "attention and has no global embedding to mine the whole training set with; "
+            "train a vse, vse_gpo or vsrn model first and set negatives.source="
+            "checkpoint:<its best_model.pt> (the authors mined BFAN's negatives with VSRN), "
+            "or negatives.source=tables:<dir>")
     return problems
 
 

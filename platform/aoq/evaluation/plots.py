@@ -5,19 +5,20 @@ and free of side effects).  Figures are drawn with the object-oriented API on th
 Agg canvas, never through pyplot: that needs no display, leaves the caller's global
 backend and pyplot figure list alone (a notebook user's ``%matplotlib`` setting survives),
 and is safe from worker threads.  Each PNG is written to a temporary file in the target
-directory and moved into place with ``os.replace``, so a reader (MLflow, a browser, a
+directory and moved into place (``aoq.atomic``), so a reader (MLflow, a browser, a
 crashed job's successor) never sees a half-written image.
 """
 
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+from aoq.atomic import atomic_write
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -36,22 +37,9 @@ def _new_figure() -> tuple[Figure, Any]:
 
 def _save_png_atomic(fig: Figure, path: str | os.PathLike[str]) -> None:
     target = Path(path)
-    directory = target.parent
-    if not directory.is_dir():
+    if not target.parent.is_dir():
         raise FileNotFoundError(f"directory of {str(target)!r} does not exist")
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            fig.savefig(handle, format="png")
-        # mkstemp creates 0600; an artifact should be readable like any other file.
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, target)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+    atomic_write(target, lambda fh: fig.savefig(fh, format="png"))
 
 
 def _check_named_arrays(values: Mapping[str, Any], what: str) -> dict[str, np.ndarray]:

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from aoq.data.prepare import SplitArrays
-from aoq.evaluation.encode import encode_captions_range, encode_images_range, eval_mode
+from aoq.models.encode import encode_captions_range, encode_images_range, eval_mode
 from aoq.models.base import RetrievalModel
 from aoq.negatives.shards import Shard, plan_shards
 

@@ -17,11 +17,13 @@ from aoq.models.cross_attention import (
     query_cosines_t2i,
 )
 from aoq.models.region_word import RegionWordModel
+from aoq.models.registry import register_model
 
 #: The authors' default lambda_softmax.
 DEFAULT_LAMBDA_SOFTMAX = 20.0
 
 
+@register_model("bfan")
 class BFAN(RegionWordModel):
     """``model.focal_type`` picks equal or prob."""
 

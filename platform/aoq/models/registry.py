@@ -1,22 +1,32 @@
-"""Models by name. Classes are imported lazily so that listing names is cheap."""
+"""Models by name: each model class registers itself with :func:`register_model`.
+
+Registering also tells config validation the model's name and kind (through
+``aoq.config.model_catalog``), so that config never has to import models.
+"""
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING
+from collections.abc import Callable
 
-if TYPE_CHECKING:
-    from aoq.config import ModelConfig
-    from aoq.models.base import RetrievalModel
+from aoq.config import ModelConfig
+from aoq.config.model_catalog import ModelTraits, register_model_traits
+from aoq.models.base import RetrievalModel
 
-# name -> "module:Class"; each class is constructed as Class(cfg, vocab_size, img_dim).
-_MODELS: dict[str, str] = {
-    "vse": "aoq.models.vse:VSE",
-    "vse_gpo": "aoq.models.vse_gpo:VSEGPO",
-    "vsrn": "aoq.models.vsrn:VSRN",
-    "scan": "aoq.models.scan:SCAN",
-    "bfan": "aoq.models.bfan:BFAN",
-}
+_MODELS: dict[str, type[RetrievalModel]] = {}
+
+
+def register_model(name: str) -> Callable[[type[RetrievalModel]], type[RetrievalModel]]:
+    """Class decorator: make ``cls`` buildable as ``model.name=<name>``.
+
+    The class is constructed as ``cls(cfg, vocab_size, img_dim)``.
+    """
+
+    def register(cls: type[RetrievalModel]) -> type[RetrievalModel]:
+        _MODELS[name] = cls
+        register_model_traits(ModelTraits(name, bool(cls.has_global_embedding)))
+        return cls
+
+    return register
 
 
 def available_models() -> tuple[str, ...]:
@@ -24,12 +34,11 @@ def available_models() -> tuple[str, ...]:
     return tuple(sorted(_MODELS))
 
 
-def model_class(name: str) -> "type[RetrievalModel]":
-    """The class registered as ``name`` (imports its module)."""
+def model_class(name: str) -> type[RetrievalModel]:
+    """The class registered as ``name``."""
     if name not in _MODELS:
         raise ValueError(f"model.name={name!r}: must be one of {available_models()}")
-    module_name, cls = _MODELS[name].split(":")
-    return getattr(importlib.import_module(module_name), cls)
+    return _MODELS[name]
 
 
 def has_global_embedding(name: str) -> bool:
@@ -37,7 +46,7 @@ def has_global_embedding(name: str) -> bool:
     return model_class(name).has_global_embedding
 
 
-def build_model(cfg: "ModelConfig", vocab_size: int, img_dim: int) -> "RetrievalModel":
+def build_model(cfg: ModelConfig, vocab_size: int, img_dim: int) -> RetrievalModel:
     """Instantiate the model named by ``cfg.name``.
 
     Args:
@@ -51,6 +60,6 @@ def build_model(cfg: "ModelConfig", vocab_size: int, img_dim: int) -> "Retrieval
     return cls(cfg, vocab_size, img_dim)
 
 
-def count_parameters(model: "RetrievalModel") -> int:
+def count_parameters(model: RetrievalModel) -> int:
     """Trainable parameters."""
     return sum(p.numel() for p in model.parameters() if p.requires_grad)

@@ -14,11 +14,13 @@ from aoq.models.cross_attention import (
     PairGrid, aggregate, attend_i2t, attend_t2i, query_cosines_i2t, query_cosines_t2i,
 )
 from aoq.models.region_word import RegionWordModel
+from aoq.models.registry import register_model
 
 #: The authors' released lambda_softmax per direction (COCO and F30K commands).
 DEFAULT_LAMBDA_SOFTMAX = {"t2i": 9.0, "i2t": 4.0}
 
 
+@register_model("scan")
 class SCAN(RegionWordModel):
     """``model.scan_direction`` picks t2i or i2t; ``model.aggregation`` mean or lse."""
 

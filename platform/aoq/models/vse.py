@@ -17,6 +17,7 @@ from torch.nn.utils.rnn import pack_padded_sequence
 
 from aoq.config import ModelConfig
 from aoq.models.base import RetrievalModel
+from aoq.models.registry import register_model
 
 
 def l2_normalize(x: torch.Tensor, dim: int = -1, eps: float = 1e-8) -> torch.Tensor:
@@ -81,6 +82,7 @@ class GRUTextEncoder(nn.Module):
         return l2_normalize(out)
 
 
+@register_model("vse")
 class VSE(RetrievalModel):
     """VSE++: global image and caption embeddings compared by cosine similarity."""
 

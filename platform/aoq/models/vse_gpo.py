@@ -21,6 +21,7 @@ from aoq.models.layers import region_projection
 from aoq.models.gpo import GPO
 from aoq.models.text import GRUWordEncoder
 from aoq.models.vse import l2_normalize
+from aoq.models.registry import register_model
 
 
 class RegionMLP(nn.Module):
@@ -80,6 +81,7 @@ def augment_captions(tokens: torch.Tensor, lengths: torch.Tensor, p: float, voca
     return out, new_lengths
 
 
+@register_model("vse_gpo")
 class VSEGPO(RetrievalModel):
     """Global embeddings pooled by GPO; scores are cosine similarities."""
 

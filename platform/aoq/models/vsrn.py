@@ -18,6 +18,7 @@ from aoq.config import ModelConfig
 from aoq.models.base import RetrievalModel
 from aoq.models.layers import region_projection
 from aoq.models.vse import GRUTextEncoder, l2_normalize
+from aoq.models.registry import register_model
 
 
 def normalize_over_regions(x: torch.Tensor) -> torch.Tensor:
@@ -112,6 +113,7 @@ class CaptionGenerator(nn.Module):
         return (nll * mask).sum() / tokens.shape[0]
 
 
+@register_model("vsrn")
 class VSRN(RetrievalModel):
     """Region-relation GCN + GRU image encoder, GRU caption encoder, auxiliary captioner."""
 

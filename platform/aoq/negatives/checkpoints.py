@@ -11,7 +11,7 @@ import numpy as np
 from aoq.data.errors import DataError
 from aoq.data.prepare import SplitArrays
 from aoq.negatives.from_model import mine_from_model
-from aoq.training.checkpoint import load_model
+from aoq.models.files import load_model
 
 
 def mine_from_checkpoint(

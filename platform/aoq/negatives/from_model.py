@@ -5,8 +5,9 @@ from __future__ import annotations
 import numpy as np
 
 from aoq.data.prepare import SplitArrays
-from aoq.evaluation.encode import encode_split
+from aoq.models.encode import encode_split
 from aoq.models.base import RetrievalModel
+from aoq.negatives.mining import mine_candidates
 
 
 def mine_from_model(
@@ -28,8 +29,6 @@ def mine_from_model(
         raise ValueError(f"{type(model).__name__} has no global embedding; mine with a vse, "
                          "vse_gpo or vsrn checkpoint instead "
                          "(negatives.source=checkpoint:<path>)")
-    from aoq.negatives.mining import mine_candidates
-
     images, captions = encode_split(model, split)
     return mine_candidates(
         images, captions, k_captions, k_images, split.captions_per_image,

@@ -1,4 +1,5 @@
-"""Drawing offline negatives from candidate tables, by the authors' rule (design.md §1).
+"""Drawing offline negatives from candidate tables, by the authors' rule
+(docs/architecture.md, "The method").
 
 For an anchor pair (image i, caption j) one draw n ~ U{0..h-1} picks both negatives:
 the caption negative T_off = i2t[i, n] and the image negative I_off = t2i[j, n // 5]
@@ -11,6 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+
+from aoq.data.errors import DataError
 
 # Separates these streams from any other generator seeded with the same numbers.
 _DOMAIN = 0xA0C
@@ -52,7 +55,7 @@ def draw_offline(
             draws are reproducible and independent of loader processes.
 
     Raises:
-        AssertionError: if a table hands back a positive as a negative (a corrupt table).
+        CorruptTableError: if a table hands back a positive as a negative.
     """
     caption_ids = np.asarray(caption_ids, dtype=np.int64)
     if sampling_range > i2t.shape[1] or -(-sampling_range // captions_per_image) > t2i.shape[1]:
@@ -70,12 +73,29 @@ def draw_offline(
         caption_of_image_negative=image_negative * captions_per_image + offset,
     )
     # A positive sampled as a negative would teach the model to push a true pair apart;
-    # only a corrupt or mismatched table can cause it, so fail loudly.
-    assert not np.any(draw.image_of_caption_negative == images), \
-        "offline caption negative belongs to the anchor image: corrupt i2t table"
-    assert not np.any(image_negative == images), \
-        "offline image negative is the anchor caption's image: corrupt t2i table"
+    # only a corrupt or mismatched table can cause it, so fail loudly. A real check, not
+    # an assert: ``python -O`` strips asserts.
+    _refuse_positive(draw.image_of_caption_negative, images, caption_ids,
+                     "offline caption negative belongs to the anchor image: corrupt i2t table")
+    _refuse_positive(image_negative, images, caption_ids,
+                     "offline image negative is the anchor caption's image: corrupt t2i table")
     return draw
+
+
+class CorruptTableError(DataError, AssertionError):
+    """A candidate table handed back a positive as a negative.
+
+    Also an ``AssertionError``, which is what this check raised before it stopped being
+    an ``assert``, so callers that caught that keep working.
+    """
+
+
+def _refuse_positive(drawn_image: np.ndarray, anchor_image: np.ndarray,
+                     caption_ids: np.ndarray, what: str) -> None:
+    bad = np.flatnonzero(drawn_image == anchor_image)
+    if bad.size:
+        raise CorruptTableError(f"{what} (anchor caption {int(caption_ids[bad[0]])}, "
+                                f"{bad.size} of {len(caption_ids)} anchors)")
 
 
 def sampling_rng(seed: int, epoch: int, rank: int, step: int) -> np.random.Generator:

@@ -1,4 +1,5 @@
-"""Training pieces independent of Ray: optimizer, step/epoch, checkpoint files."""
+"""Training without Ray: batches with offline draws, steps, schedule, checkpoint files,
+and the per-rank training session."""
 
 from aoq.training.checkpoint import CheckpointError, load_file, save_file
 from aoq.training.optim import build_optimizer

@@ -14,7 +14,6 @@ one instead of being partly loaded.
 
 from __future__ import annotations
 
-import io
 import os
 import random
 from dataclasses import dataclass
@@ -24,34 +23,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from aoq.atomic import atomic_write_bytes
+# Re-exported: checkpoint files are weights files (tensor-only pickles) too.
+from aoq.models.files import CheckpointError, load_file, save_file
+
+__all__ = ["STATE_FILE", "CheckpointError", "LoadedCheckpoint", "capture_rng",
+           "checkpoint_candidates", "load_checkpoint", "load_file", "newest_complete_checkpoint",
+           "restore_rng", "rng_file", "save_file"]
 
 STATE_FILE = "state.pt"
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint file is missing, truncated, or not a safe tensor-only pickle."""
-
-
-def save_file(path: str | os.PathLike, obj: Any) -> None:
-    """``torch.save`` to memory, then an atomic replace of ``path``."""
-    buffer = io.BytesIO()
-    torch.save(obj, buffer)
-    atomic_write_bytes(path, buffer.getvalue())
-
-
-def load_file(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> Any:
-    """``torch.load(weights_only=True)``; anything else raises CheckpointError."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path}: checkpoint file not found")
-    try:
-        return torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - torch raises many types for bad files
-        raise CheckpointError(
-            f"{path}: unreadable or unsafe checkpoint ({type(exc).__name__}: "
-            f"{str(exc).splitlines()[0] if str(exc) else ''})"
-        ) from None
 
 
 def rng_file(rank: int) -> str:
@@ -170,47 +149,3 @@ def newest_complete_checkpoint(given: str | os.PathLike, world: int) -> LoadedCh
         return LoadedCheckpoint(loaded.path, loaded.state, loaded.rng, tuple(skipped))
     raise CheckpointError("no complete checkpoint to resume from:\n  - " + "\n  - ".join(
         why for _, why in skipped))
-
-
-def model_record(model_cfg: Any, core: torch.nn.Module, *, vocab_size: int, img_dim: int,
-                 **extra: Any) -> dict[str, Any]:
-    """A self-describing weights file: enough to rebuild the model without its run.
-
-    Args:
-        model_cfg: the ``model`` config section (a dataclass; stored as a dict).
-    """
-    import dataclasses
-
-    return {
-        "model": core.state_dict(),
-        "model_config": dataclasses.asdict(model_cfg),
-        "vocab_size": vocab_size,
-        "img_dim": img_dim,
-        **extra,
-    }
-
-
-def load_model(path: str | os.PathLike, map_location: str | torch.device = "cpu"):
-    """Rebuild a model from a :func:`model_record` file.
-
-    Returns:
-        (model in eval mode, the record without its weights).
-    """
-    from aoq.config import ModelConfig, section_from_dict
-    from aoq.models import build_model
-
-    record = load_file(path, map_location)
-    missing = {"model", "model_config", "vocab_size", "img_dim"} - set(record)
-    if missing:
-        raise CheckpointError(f"{path}: not a model file (missing {sorted(missing)})")
-    try:
-        cfg = section_from_dict(ModelConfig, record["model_config"], prefix="model.")
-    except ValueError as exc:
-        raise CheckpointError(f"{path}: stored model config is invalid ({exc})") from None
-    model = build_model(cfg, int(record["vocab_size"]), int(record["img_dim"]))
-    try:
-        model.load_state_dict(record["model"])
-    except RuntimeError as exc:
-        raise CheckpointError(f"{path}: weights do not match the model ({exc})") from None
-    model.eval()
-    return model, {k: v for k, v in record.items() if k != "model"}

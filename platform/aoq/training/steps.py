@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from aoq.data.batches import Batch
+from aoq.training.batches import Batch
 from aoq.losses import AOQLoss, OfflineScores
 from aoq.models.base import RetrievalModel
 from aoq.training.memory import MemoryWatch
