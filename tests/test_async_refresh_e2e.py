@@ -15,7 +15,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from aoq.cluster.job import run_training
-from aoq.cluster.train_loop import POOL_NAME_PREFIX
+from aoq.cluster.table_lifecycle import POOL_NAME_PREFIX
 from aoq.config import load_config
 from aoq.negatives.tables import list_versions
 
