@@ -1,4 +1,4 @@
-"""Side-by-side timing of exact top-K candidate mining (design.md §5, "Mining").
+"""Side-by-side timing of exact top-K candidate mining (results: docs/benchmarks.md §1).
 
 Generates random L2-normalised fp32 embeddings (fixed seed) and times, on the same
 inputs in one process:
@@ -35,8 +35,9 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from aoq.negatives import exact_topk, mine_candidates, overlap_at_k
-from aoq.negatives import mining as _mining
+from aoq.negatives import mine_candidates
+from aoq.search import SearchOptions, exact_topk, overlap_at_k
+from aoq.search.engine import block_rows_for, tile_plan
 
 
 def _embeddings(n: int, d: int, gen: torch.Generator) -> torch.Tensor:
@@ -46,7 +47,8 @@ def _embeddings(n: int, d: int, gen: torch.Generator) -> torch.Tensor:
 
 def bare_products(images: torch.Tensor, captions: torch.Tensor, block_rows: int | None) -> None:
     """The engine's GEMMs (tiles and padded row stride as in the engine), nothing else."""
-    br, nt = _mining._tile_plan(images.shape[0], captions.shape[0], False, block_rows, None)
+    br, nt = tile_plan(images.shape[0], captions.shape[0], False, block_rows, None,
+                       SearchOptions())
     ld = 1 << (nt - 1).bit_length()
     buf = torch.empty(br * ld)
     for r0 in range(0, images.shape[0], br):
@@ -63,9 +65,12 @@ def bare_products_workers(images: torch.Tensor, captions: torch.Tensor,
     by ``n_workers`` threads, torch single-threaded in each."""
     import threading
 
-    br = _mining._tile_plan(images.shape[0], captions.shape[0], False, block_rows, None)[0]
-    if block_rows is None and n_workers > 1:
-        br = min(1024, max(256, -(-images.shape[0] // (4 * n_workers)) + 63) // 64 * 64)
+    options = SearchOptions()
+    # The engine's row blocks for n_workers (smaller than the default when that keeps
+    # every worker busy to the end).
+    br = tile_plan(images.shape[0], captions.shape[0], False,
+                   block_rows_for(images.shape[0], n_workers, block_rows, options), None,
+                   options)[0]
     starts = list(range(0, images.shape[0], br))
     lock = threading.Lock()
 

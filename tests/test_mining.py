@@ -1,4 +1,4 @@
-"""Tests for aoq.negatives.mining: exact blocked top-K candidate tables (design.md §1, §7).
+"""Tests for aoq.negatives.mining: exact blocked top-K candidate tables (on aoq.search).
 
 Everything runs the real engine on real arrays. The reference is the textbook one: the
 full score matrix, own captions / own image set to -inf, a stable descending argsort per
@@ -10,6 +10,7 @@ float64 reference up to ties.
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 
 import numpy as np
@@ -17,7 +18,7 @@ import pytest
 import torch
 
 from aoq.negatives import exact_topk, mine_candidates, overlap_at_k
-from aoq.negatives import mining
+from aoq.search import SearchOptions
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -180,28 +181,27 @@ def test_read_only_inputs_are_accepted_without_warnings():
     np.testing.assert_array_equal(i2t, reference_tables(images, captions, 10, 5)[0])
 
 
-def test_recomputed_rows_and_columns_stay_exact(monkeypatch):
+def test_recomputed_rows_and_columns_stay_exact():
     # A negative headroom puts every threshold too high, so most rows and columns have
     # fewer than K candidates and go through the full recomputation path.
-    monkeypatch.setattr(mining, "_Z", -8.0)
+    options = dataclasses.replace(SearchOptions(), z=-8.0)
     images, captions = integer_embeddings(100, 6, seed=13)
     stats: dict = {}
     i2t, t2i = mine_candidates(images, captions, 80, 30, block_rows=40, tile_cols=64,
-                               stats=stats)
+                               stats=stats, options=options)
     assert stats["row_recomputed"] > 0 and stats["col_recomputed"] > 0
     ref_i2t, ref_t2i = reference_tables(images, captions, 80, 30)
     np.testing.assert_array_equal(i2t, ref_i2t)
     np.testing.assert_array_equal(t2i, ref_t2i)
 
 
-def test_column_compaction_stays_exact(monkeypatch):
+def test_column_compaction_stays_exact():
     # Compact column candidates after every tile (raising thresholds as it goes).
-    monkeypatch.setattr(mining, "_COLUMN_CAP_MIN", 0)
-    monkeypatch.setattr(mining, "_COLUMN_SLACK", 0.0)
+    options = dataclasses.replace(SearchOptions(), column_cap_min=0, column_slack=0.0)
     images, captions = integer_embeddings(120, 5, seed=17)
     stats: dict = {}
     i2t, t2i = mine_candidates(images, captions, 40, 20, block_rows=16, tile_cols=128,
-                               stats=stats)
+                               stats=stats, options=options)
     assert stats["compactions"] > 0
     ref_i2t, ref_t2i = reference_tables(images, captions, 40, 20)
     np.testing.assert_array_equal(i2t, ref_i2t)
@@ -348,17 +348,17 @@ def test_validation_of_arrays():
 
 
 @pytest.mark.parametrize(("workers", "threads"), [(False, 2), (True, 1), (True, 2), (True, 3)])
-def test_worker_modes_agree(monkeypatch, workers, threads):
+def test_worker_modes_agree(workers, threads):
     # CPU runs one single-threaded worker per torch thread; False (and CUDA) one worker
     # on the calling thread.
-    monkeypatch.setattr(mining, "_WORKERS", workers)
+    options = dataclasses.replace(SearchOptions(), use_workers=workers)
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
         images, captions = integer_embeddings(90, 6, seed=41)
         stats: dict = {}
         got = mine_candidates(images, captions, 70, 20, block_rows=16, tile_cols=128,
-                              stats=stats)
+                              stats=stats, options=options)
         assert stats["workers"] == (threads if workers else 1)
         assert torch.get_num_threads() == threads
     finally:

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from aoq.negatives import mine_candidates
-from aoq.negatives.shards import mine_shard, plan_shards
+from aoq.negatives.shards import mine_shard
+from aoq.search import plan_shards
 
 
 def embeddings(n_images: int, dim: int, seed: int, ties: bool = False):

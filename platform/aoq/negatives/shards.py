@@ -1,9 +1,10 @@
 """Sharded exact mining: the same tables as :func:`mine_candidates`, one shard at a time.
 
-A shard is a contiguous range of training images together with their captions. Its
-piece of ``i2t`` is the top-K captions of its images against *all* captions; its piece of
-``t2i`` is the top-K images of its captions against *all* images. Pieces from any number
-of shards, computed anywhere, concatenate to exactly the single-shard tables.
+A shard (:class:`aoq.search.Shard`) is a contiguous range of training images together
+with their captions. Its piece of ``i2t`` is the top-K captions of its images against
+*all* captions; its piece of ``t2i`` is the top-K images of its captions against *all*
+images. Pieces from any number of shards, computed anywhere, concatenate to exactly the
+single-shard tables.
 
 The own-caption/own-image exclusion is done by asking for ``k + excluded`` and removing
 the positives afterwards: the k best non-positives are always among the k + excluded
@@ -13,35 +14,13 @@ needs no shard offset inside the engine.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 
-from aoq.negatives.mining import exact_topk
+from aoq.search import Shard, exact_topk, plan_shards
 
-
-@dataclass(frozen=True)
-class Shard:
-    """Images ``[start, stop)`` and their captions ``[cpi*start, cpi*stop)``."""
-
-    index: int
-    start: int
-    stop: int
-
-    def captions(self, captions_per_image: int) -> tuple[int, int]:
-        return self.start * captions_per_image, self.stop * captions_per_image
-
-
-def plan_shards(n_images: int, n_shards: int, align: int = 1) -> list[Shard]:
-    """Split ``n_images`` into up to ``n_shards`` near-equal contiguous shards whose
-    boundaries are multiples of ``align`` (the encoder's batch grid, so that a shard
-    encodes bit-identically wherever it runs); fewer shards when there are not enough
-    aligned boundaries."""
-    units = -(-n_images // align)  # aligned blocks, the last one possibly short
-    n_shards = max(1, min(n_shards, units))
-    bounds = sorted({min(n_images, int(round(u)) * align)
-                     for u in np.linspace(0, units, n_shards + 1)})
-    return [Shard(i, a, b) for i, (a, b) in enumerate(zip(bounds[:-1], bounds[1:]))]
+# Shard and plan_shards live in aoq.search (evaluation splits score matrices with them
+# too); they are re-exported for the callers that import them from here.
+__all__ = ["Shard", "mine_shard", "plan_shards"]
 
 
 def _drop_positives(ids: np.ndarray, positive_lo: np.ndarray, positive_hi: np.ndarray,
@@ -75,7 +54,7 @@ def mine_shard(
     """
     cpi = captions_per_image
     images = np.arange(shard.start, shard.stop)
-    c0, c1 = shard.captions(cpi)
+    c0, c1 = shard.scaled(cpi)  # the shard's captions
     _, cap_ids = exact_topk(image_emb[shard.start:shard.stop], caption_emb, k_captions + cpi,
                             device=device)
     i2t = _drop_positives(cap_ids, images * cpi, images * cpi + cpi, k_captions)
