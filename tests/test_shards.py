@@ -61,7 +61,7 @@ def test_shard_boundaries_follow_the_encoder_batch_grid() -> None:
 def test_an_aligned_range_encodes_bit_identically_to_the_whole_split(tmp_path) -> None:
     from aoq.config import load_config
     from aoq.data.prepare import open_split, prepare_data
-    from aoq.evaluation.encode import encode_range, encode_split
+    from aoq.models.encode import encode_range, encode_split
     from aoq.models import build_model
 
     from conftest import SMALL_SCENES

@@ -28,10 +28,11 @@ import torch
 
 from aoq.config import ModelConfig, section_from_dict
 from aoq.data.prepare import PreparedData, open_split
+from aoq.evaluation.scoring import allocate_scores, plan_score_shards, score_rows
 from aoq.models import build_model
 from aoq.models.encode import encode_range
-from aoq.evaluation.scoring import allocate_scores, plan_score_shards, score_rows
-from aoq.negatives.shards import Shard, mine_shard, plan_shards
+from aoq.negatives.shards import mine_shard
+from aoq.search import Shard, plan_shards
 
 log = logging.getLogger("aoq.mining")
 

@@ -25,7 +25,7 @@ import numpy as np
 from aoq.data.prepare import SplitArrays
 from aoq.models.encode import encode_captions_range, encode_images_range, eval_mode
 from aoq.models.base import RetrievalModel
-from aoq.negatives.shards import Shard, plan_shards
+from aoq.search import Shard, plan_shards
 
 #: Images per shard by default: COCO 5K is 5 shards, a 1K split one.
 SHARD_IMAGES = 1024

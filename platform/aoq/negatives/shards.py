@@ -16,11 +16,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from aoq.search import Shard, exact_topk, plan_shards
+from aoq.search import Shard, exact_topk
 
-# Shard and plan_shards live in aoq.search (evaluation splits score matrices with them
-# too); they are re-exported for the callers that import them from here.
-__all__ = ["Shard", "mine_shard", "plan_shards"]
+__all__ = ["mine_shard"]
 
 
 def _drop_positives(ids: np.ndarray, positive_lo: np.ndarray, positive_hi: np.ndarray,
