@@ -1,4 +1,4 @@
-"""What refreshing the offline negatives every epoch costs in wall time (design.md §5).
+"""What refreshing the offline negatives every epoch costs in wall time (docs/benchmarks.md §3).
 
 Trains the default job (aoq on ``scenes``, 2 DDP workers) three ways, one after another
 in fresh local Ray instances, and reads every epoch's wall time back from MLflow:

@@ -1,5 +1,5 @@
 """Training throughput: pairs/s for triplet and aoq with 1 and 2 DDP workers, and the share
-of step time spent waiting for data (design.md §5: >= 90% in forward/backward).
+of step time spent waiting for data (the target: >= 90% in forward/backward; docs/benchmarks.md §5).
 
 Four real jobs (Ray Train, the default ``vse`` model on ``scenes``), one after another in
 fresh local Ray instances. ``aoq`` takes its tables from a first-round checkpoint, so it

@@ -20,7 +20,7 @@ def load_cluster() -> dict[str, Any]:
 
 
 def ray_validate(config: dict[str, Any]) -> dict[str, Any]:
-    """What `ray up` does before it launches anything (design.md section 6), offline."""
+    """What `ray up` does before it launches anything (docs/cluster.md), offline."""
     from ray.autoscaler._private.util import prepare_config, validate_config
 
     prepared = prepare_config(copy.deepcopy(config))

@@ -1,4 +1,4 @@
-"""AOQ loss family against direct, loop-by-loop computations of design.md §1."""
+"""AOQ loss family against direct, loop-by-loop computations of docs/architecture.md, "The method"."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Tests for aoq.evaluation: retrieval metrics (design.md §2) and plots.
+"""Tests for aoq.evaluation: retrieval metrics (docs/architecture.md, "Evaluation") and plots.
 
 Every check runs the real code on real arrays; the reference implementation below is the
 textbook per-query stable argsort, written independently of the library's counting.

@@ -147,7 +147,7 @@ class ModelConfig:
 
 @dataclass
 class LossConfig:
-    """The AOQ loss family (design.md §1)."""
+    """The AOQ loss family (docs/architecture.md, "The method")."""
 
     variant: str = opt(
         "aoq",

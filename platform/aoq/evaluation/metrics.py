@@ -1,4 +1,4 @@
-"""Image-text retrieval metrics, computed exactly as the field does (design.md §2, §7).
+"""Image-text retrieval metrics, computed exactly as the field does (docs/architecture.md, "Evaluation").
 
 Conventions
 -----------

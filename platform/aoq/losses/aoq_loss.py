@@ -1,4 +1,5 @@
-"""The AOQ loss family as pure functions of similarity scores (design.md §1).
+"""The AOQ loss family as pure functions of similarity scores (docs/architecture.md,
+"The method").
 
 The loss never sees embeddings: the model scores the in-batch B x B matrix and the four
 offline pairs per anchor, so the same loss serves cosine models (VSE++, VSRN, GPO) and

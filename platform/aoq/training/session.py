@@ -81,6 +81,7 @@ class TrainingSession:
         self.prepared = prepared
         self.storage = storage
         self.output_dir = Path(storage.work_dir)
+        self.output_dir.mkdir(parents=True, exist_ok=True)
         self.rank, self.world, self.device = rank, world, device
         self.train_split: SplitArrays = open_split(prepared, cfg.data.train_split)
         self.dev_split: SplitArrays = open_split(prepared, cfg.data.dev_split)
