@@ -1,4 +1,4 @@
-"""Shared fixtures: a real local Ray instance, and small configs for end-to-end runs."""
+"""Shared fixtures: real local Ray instances, and small end-to-end training runs."""
 
 from __future__ import annotations
 
@@ -10,11 +10,21 @@ import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from mlflow.tracking import MlflowClient
 
 import aoq.models  # noqa: F401 - registers the model names that config validation checks
+from aoq.cluster.job import TrainingOutcome, run_training
+from aoq.config import Config, load_config
+
+# Ray Train's controller polls its workers every 2 s by default, so every small job here
+# would wait up to 2 s after its last report, and again at each phase; the tests run
+# about thirty jobs. Set before any Ray instance starts, so every Ray process (and every
+# driver subprocess) inherits it.
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
 
 # Small enough to train in seconds on 2 cores, big enough for every code path
 # (two DDP ranks with several steps each, mining with K < n, 1K-style evaluation).
@@ -38,16 +48,103 @@ def small_overrides(tmp: Path, cache: Path, *extra: str) -> list[str]:
             f"tracking.uri=sqlite:///{tmp / 'mlflow.db'}", *extra]
 
 
-@pytest.fixture(scope="module")
-def local_ray() -> Iterator[None]:
-    """A private local Ray instance (never attaches to a cluster that happens to run)."""
+def store_client(tmp: Path) -> MlflowClient:
+    """A client of the MLflow store a small job under ``tmp`` records into."""
+    return MlflowClient(f"sqlite:///{tmp / 'mlflow.db'}")
+
+
+@dataclass(frozen=True)
+class SmallRun:
+    """A finished small training job, and the MLflow store it was recorded in."""
+
+    tmp: Path
+    cfg: Config
+    outcome: TrainingOutcome
+
+    @property
+    def client(self) -> MlflowClient:
+        return store_client(self.tmp)
+
+    @property
+    def run(self):
+        return self.client.get_run(self.outcome.run_id)
+
+    @property
+    def output_dir(self) -> Path:
+        return Path(self.outcome.output_dir)
+
+    def history(self, key: str) -> list[tuple[int, float]]:
+        """(step, value) of a metric, by step."""
+        return sorted((m.step, m.value)
+                      for m in self.client.get_metric_history(self.outcome.run_id, key))
+
+
+def small_config(tmp: Path, cache: Path, *extra: str) -> Config:
+    """The small scenes config with outputs and the MLflow store under ``tmp``."""
+    return load_config(None, small_overrides(tmp, cache, *extra))
+
+
+def train_small(tmp: Path, cache: Path, *extra: str) -> SmallRun:
+    """Train :func:`small_config` to the end on the Ray instance this process has."""
+    cfg = small_config(tmp, cache, *extra)
+    return SmallRun(tmp, cfg, run_training(cfg))
+
+
+#: Whether the Ray instance this process runs is the shared one.
+_SHARED_RAY = {"running": False}
+
+
+def start_ray(**kwargs) -> None:
+    """Stop any Ray instance this process runs and start a private local one (never one
+    that happens to run on the machine: ``address="local"``, and RAY_ADDRESS dropped)."""
     import ray
 
+    if ray.is_initialized():
+        ray.shutdown()
+    _SHARED_RAY["running"] = False
     os.environ.pop("RAY_ADDRESS", None)
-    ray.init(address="local", num_cpus=2, logging_level="WARNING",
-             include_dashboard=True)
+    ray.init(**{"address": "local", "num_cpus": 2, "logging_level": "WARNING",
+                "include_dashboard": True, **kwargs})
+
+
+@pytest.fixture(scope="module")
+def local_ray() -> Iterator[None]:
+    """The Ray instance shared by the end-to-end modules that kill no process: started
+    on first use and kept for the next module (starting one costs seconds)."""
+    import ray
+
+    if not (_SHARED_RAY["running"] and ray.is_initialized()):
+        start_ray()
+        _SHARED_RAY["running"] = True
+    yield
+
+
+@pytest.fixture(scope="module")
+def private_ray() -> Iterator[None]:
+    """A fresh Ray instance for a module that SIGKILLs Ray processes (workers, actors):
+    whatever it breaks goes away with it."""
+    import ray
+
+    start_ray()
     yield
     ray.shutdown()
+
+
+#: Fixtures that start a Ray instance of their own (their modules run after the ones
+#: sharing ``local_ray``, so the shared instance starts once).
+OWN_RAY_FIXTURES = {"private_ray", "ray_with_s3", "cluster"}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    items.sort(key=lambda item: bool(OWN_RAY_FIXTURES & set(item.fixturenames)))
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:  # noqa: ARG001 - hook signature
+    import sys
+
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        ray.shutdown()
 
 
 # ----------------------------------------------------------------------------- fault injection

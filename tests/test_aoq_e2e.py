@@ -7,14 +7,11 @@ import sys
 from pathlib import Path
 
 import pytest
-from mlflow.tracking import MlflowClient
 
-from aoq.cluster.job import run_training
-from aoq.config import load_config
 from aoq.losses import TERM_NAMES
 from aoq.negatives.tables import list_versions, load_tables
 
-from conftest import small_overrides
+from conftest import small_overrides, train_small
 
 pytestmark = [pytest.mark.ray, pytest.mark.e2e]
 ROOT = Path(__file__).resolve().parents[1]
@@ -24,17 +21,14 @@ ROOT = Path(__file__).resolve().parents[1]
 def mined_run(tmp_path_factory: pytest.TempPathFactory, scenes_cache: Path, local_ray):
     """aoq with negatives.source=mine: 1 warm-up epoch, then synchronous mining on rank 0
     every epoch (the actor pool has its own tests in test_async_refresh_e2e.py)."""
-    tmp = tmp_path_factory.mktemp("aoq-mine")
-    cfg = load_config(None, small_overrides(
-        tmp, scenes_cache, "loss.variant=aoq", "negatives.source=mine", "optim.epochs=3",
-        "negatives.warmup_epochs=1", "negatives.refresh_every=1", "negatives.pool_actors=0",
-        "run.name=mine"))
-    return tmp, cfg, run_training(cfg)
+    return train_small(tmp_path_factory.mktemp("aoq-mine"), scenes_cache,
+                       "loss.variant=aoq", "negatives.source=mine", "optim.epochs=3",
+                       "negatives.warmup_epochs=1", "negatives.refresh_every=1",
+                       "negatives.pool_actors=0", "run.name=mine")
 
 
 def test_mine_workflow_logs_terms_and_table_versions(mined_run) -> None:
-    tmp, cfg, outcome = mined_run
-    client = MlflowClient(f"sqlite:///{tmp / 'mlflow.db'}")
+    outcome, client = mined_run.outcome, mined_run.client
     run = client.get_run(outcome.run_id)
     assert run.info.status == "FINISHED"
     versions = client.get_metric_history(outcome.run_id, "negatives/table_version")
@@ -59,23 +53,21 @@ def test_mine_workflow_logs_terms_and_table_versions(mined_run) -> None:
 
 def test_checkpoint_workflow_mines_once_from_a_first_round_model(mined_run,
                                                                   scenes_cache: Path) -> None:
-    tmp, _, first = mined_run
-    best = Path(first.output_dir) / "best_model.pt"
-    cfg = load_config(None, small_overrides(
-        tmp, scenes_cache, "loss.variant=offquin", f"negatives.source=checkpoint:{best}",
-        "optim.epochs=2", "run.name=from-ckpt"))
-    outcome = run_training(cfg)
+    best = mined_run.output_dir / "best_model.pt"
+    small = train_small(mined_run.tmp, scenes_cache, "loss.variant=offquin",
+                        f"negatives.source=checkpoint:{best}", "optim.epochs=2",
+                        "run.name=from-ckpt")
+    outcome, client = small.outcome, small.client
     root = Path(outcome.output_dir) / "negatives"
     assert list_versions(root) == [1]
     assert load_tables(root).meta["source"] == f"checkpoint:{best}"
-    client = MlflowClient(f"sqlite:///{tmp / 'mlflow.db'}")
     history = client.get_metric_history(outcome.run_id, "train/quintuplet_positive_pair")
     assert len(history) == 2  # offline terms from the first epoch: no warm-up
 
 
 def test_mine_job_then_tables_workflow(mined_run, scenes_cache: Path) -> None:
-    tmp, _, first = mined_run
-    best = Path(first.output_dir) / "best_model.pt"
+    tmp = mined_run.tmp
+    best = mined_run.output_dir / "best_model.pt"
     out = tmp / "tables"
     overrides = small_overrides(tmp, scenes_cache)
     proc = subprocess.run([sys.executable, str(ROOT / "jobs" / "mine.py"), "--checkpoint",
@@ -83,8 +75,7 @@ def test_mine_job_then_tables_workflow(mined_run, scenes_cache: Path) -> None:
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert list_versions(out) == [1]
-    cfg = load_config(None, small_overrides(tmp, scenes_cache, "loss.variant=offtri",
-                                            f"negatives.source=tables:{out}",
-                                            "optim.epochs=1", "run.name=from-tables"))
-    outcome = run_training(cfg)
+    outcome = train_small(tmp, scenes_cache, "loss.variant=offtri",
+                          f"negatives.source=tables:{out}", "optim.epochs=1",
+                          "run.name=from-tables").outcome
     assert outcome.test_metrics["test/rsum"] > 0

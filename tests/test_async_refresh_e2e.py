@@ -16,10 +16,9 @@ from mlflow.tracking import MlflowClient
 
 from aoq.cluster.job import run_training
 from aoq.cluster.table_lifecycle import POOL_NAME_PREFIX
-from aoq.config import load_config
 from aoq.negatives.tables import list_versions
 
-from conftest import in_background, killing, small_overrides, used_versions
+from conftest import in_background, killing, small_config, store_client, used_versions
 
 pytestmark = [pytest.mark.ray, pytest.mark.e2e]
 
@@ -34,11 +33,10 @@ def metric_by_epoch(client: MlflowClient, run_id: str, key: str) -> dict[int, fl
 
 
 @pytest.fixture(scope="module")
-def restarted_run(tmp_path_factory: pytest.TempPathFactory, scenes_cache: Path, local_ray):
+def restarted_run(tmp_path_factory: pytest.TempPathFactory, scenes_cache: Path, private_ray):
     """An async-refresh run whose rank-1 training worker is SIGKILLed during epoch 4."""
     tmp = tmp_path_factory.mktemp("async")
-    cfg = load_config(None, small_overrides(tmp, scenes_cache, *ASYNC, "run.name=async",
-                                            "run.max_failures=1"))
+    cfg = small_config(tmp, scenes_cache, *ASYNC, "run.name=async", "run.max_failures=1")
     run_dir = Path(cfg.run.storage) / "async"
 
     def rank1_midway() -> list[int]:
@@ -64,7 +62,7 @@ def test_every_rank_switches_version_at_the_same_epoch(restarted_run) -> None:
 
 def test_training_goes_on_while_the_pool_mines(restarted_run) -> None:
     tmp, run_dir, outcome, _ = restarted_run
-    client = MlflowClient(f"sqlite:///{tmp / 'mlflow.db'}")
+    client = store_client(tmp)
     assert client.get_run(outcome.run_id).info.status == "FINISHED"
     staleness = metric_by_epoch(client, outcome.run_id, "negatives/staleness_epochs")
     # Epoch 1 has to wait for the first tables (staleness 0); later epochs train on the
@@ -89,17 +87,17 @@ def test_restart_resumes_with_the_table_version_it_had(restarted_run) -> None:
     checkpointed = [x for x in before if x["epoch"] == resumed_at - 1][-1]
     assert after[0]["version"] == checkpointed["version"]
     assert [x["epoch"] for x in after] == list(range(resumed_at, EPOCHS))
-    client = MlflowClient(f"sqlite:///{tmp / 'mlflow.db'}")
+    client = store_client(tmp)
     versions = metric_by_epoch(client, outcome.run_id, "negatives/table_version")
     assert sorted(versions) == list(range(EPOCHS))
 
 
 def test_a_permanently_failing_pool_keeps_training_on_the_old_tables(
-        tmp_path_factory: pytest.TempPathFactory, scenes_cache: Path, local_ray) -> None:
+        tmp_path_factory: pytest.TempPathFactory, scenes_cache: Path, private_ray) -> None:
     import ray
 
     tmp = tmp_path_factory.mktemp("async-fail")
-    cfg = load_config(None, small_overrides(tmp, scenes_cache, *ASYNC, "run.name=fail"))
+    cfg = small_config(tmp, scenes_cache, *ASYNC, "run.name=fail")
     run_dir = Path(cfg.run.storage) / "fail"
     killed: list[str] = []
 
@@ -118,7 +116,7 @@ def test_a_permanently_failing_pool_keeps_training_on_the_old_tables(
     with in_background(kill_the_pool_for_good):
         outcome = run_training(cfg)
     assert len(killed) == 2
-    client = MlflowClient(f"sqlite:///{tmp / 'mlflow.db'}")
+    client = store_client(tmp)
     run = client.get_run(outcome.run_id)
     assert run.info.status == "FINISHED"
     assert "ActorDiedError" in run.data.tags["aoq.warning.refresh"]

@@ -17,9 +17,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from mlflow.tracking import MlflowClient
 
-from conftest import small_overrides
+from conftest import small_overrides, store_client
 from ray_head import start_head
 
 pytestmark = [pytest.mark.ray, pytest.mark.e2e]
@@ -109,7 +108,7 @@ def test_submitted_job_records_run_metrics_and_best_checkpoint(tmp_path: Path,
         head.stop()
     assert all(not p.is_running() or p.status() == "zombie" for p in head.seen.values())
 
-    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    client = store_client(tmp_path)
     experiment = client.get_experiment_by_name("submit")
     runs = client.search_runs([experiment.experiment_id],
                               filter_string="tags.`aoq.run_name` = 'submitted'")

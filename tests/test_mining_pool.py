@@ -29,7 +29,7 @@ EMBED_BATCH = 8  # small enough that 240 images make 24 aligned shards
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory: pytest.TempPathFactory, scenes_cache: Path, local_ray):
+def setup(tmp_path_factory: pytest.TempPathFactory, scenes_cache: Path, private_ray):
     tmp = tmp_path_factory.mktemp("pool")
     cfg = load_config(None, small_overrides(tmp, scenes_cache))
     prepared = prepare_data(cfg.data, progress=False)

@@ -10,13 +10,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from mlflow.tracking import MlflowClient
 
-from aoq.cluster.job import run_training
-from aoq.config import load_config
 from aoq.negatives.tables import list_versions, load_tables
 
-from conftest import small_overrides
+from conftest import store_client, train_small
 
 pytestmark = [pytest.mark.ray, pytest.mark.e2e]
 
@@ -24,10 +21,8 @@ VSRN_SMALL = ("model.caption_hidden=16", "model.caption_word_dim=8")
 
 
 def train(tmp: Path, cache: Path, *extra: str, epochs: int = 2):
-    cfg = load_config(None, small_overrides(tmp, cache, "loss.variant=aoq",
-                                            f"optim.epochs={epochs}", *extra))
-    outcome = run_training(cfg)
-    run = MlflowClient(f"sqlite:///{tmp / 'mlflow.db'}").get_run(outcome.run_id)
+    small = train_small(tmp, cache, "loss.variant=aoq", f"optim.epochs={epochs}", *extra)
+    cfg, outcome, run = small.cfg, small.outcome, small.run
     assert run.info.status == "FINISHED"
     assert run.data.params["model.name"] == cfg.model.name
     assert set(outcome.test_metrics) >= {"test/rsum", "test/i2t_r1", "test/t2i_r10"}
@@ -47,7 +42,7 @@ def vsrn_run(tmp_path_factory: pytest.TempPathFactory, scenes_cache: Path, local
 
 def test_vsrn_mines_its_own_tables_and_logs_its_caption_loss(vsrn_run) -> None:
     tmp, outcome, run = vsrn_run
-    client = MlflowClient(f"sqlite:///{tmp / 'mlflow.db'}")
+    client = store_client(tmp)
     auxiliary = client.get_metric_history(outcome.run_id, "train/auxiliary")
     assert len(auxiliary) == 2 and all(m.value > 0 for m in auxiliary)
     assert list_versions(Path(outcome.output_dir) / "negatives") == [1]
@@ -70,6 +65,6 @@ def test_cross_attention_models_train_on_a_vsrn_mining_model(vsrn_run, scenes_ca
                          f"negatives.source=checkpoint:{best}", f"run.name={name}", epochs=1)
     tables = load_tables(Path(outcome.output_dir) / "negatives")
     assert tables.meta["source"] == f"checkpoint:{best}"
-    client = MlflowClient(f"sqlite:///{tmp / 'mlflow.db'}")
+    client = store_client(tmp)
     # Offline terms from the first epoch: the tables exist before training starts.
     assert len(client.get_metric_history(outcome.run_id, "train/offline_image_negative")) == 1

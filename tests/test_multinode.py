@@ -16,9 +16,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from mlflow.tracking import MlflowClient
 
-from conftest import small_overrides
+from conftest import small_overrides, store_client
 from ray_head import free_ports
 
 pytestmark = [pytest.mark.ray, pytest.mark.e2e]
@@ -33,6 +32,8 @@ def cluster() -> Iterator[object]:
     import ray
     from ray.cluster_utils import Cluster
 
+    if ray.is_initialized():  # the shared local instance; this test needs its cluster
+        ray.shutdown()
     os.environ.pop("RAY_ADDRESS", None)
     gcs_port, dashboard_port = free_ports(2)
     sim = Cluster(initialize_head=True, head_node_args={
@@ -127,7 +128,7 @@ def test_spread_and_node_loss(cluster, tmp_path: Path, scenes_cache: Path) -> No
     assert events["removed"] in miners or events["removed"] in before
 
     # The job finished, after a restart that resumed from a checkpoint, not from epoch 0.
-    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    client = store_client(tmp_path)
     run = client.get_run(outcome.run_id)
     assert run.info.status == "FINISHED" and "test/rsum" in run.data.metrics
     history = client.get_metric_history(outcome.run_id, "dev/rsum")

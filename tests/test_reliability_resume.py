@@ -20,11 +20,11 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from aoq.cluster.job import TrainingFailed, run_training
-from aoq.config import load_config
 from aoq.training.checkpoint import CheckpointError, load_checkpoint, load_file
 
 from conftest import (
-    driver_env, killing, signal_driver_when, small_overrides, used_versions, wait_gone,
+    driver_env, killing, signal_driver_when, small_config, small_overrides, store_client,
+    train_small, used_versions, wait_gone,
 )
 
 pytestmark = [pytest.mark.ray, pytest.mark.e2e]
@@ -84,16 +84,13 @@ def history(client: MlflowClient, run_id: str, key: str) -> list[tuple[int, floa
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory: pytest.TempPathFactory, scenes_cache: Path, local_ray):
+def reference(tmp_path_factory: pytest.TempPathFactory, scenes_cache: Path, private_ray):
     """One uninterrupted run: its config, outcome, final weights and dev history."""
-    tmp = tmp_path_factory.mktemp("reference")
-    cfg = load_config(None, small_overrides(tmp, scenes_cache, *SYNC, "run.name=ref"))
-    outcome = run_training(cfg)
-    run_dir = Path(outcome.output_dir)
-    client = MlflowClient(f"sqlite:///{tmp / 'mlflow.db'}")
-    return {"tmp": tmp, "cfg": cfg, "outcome": outcome, "run_dir": run_dir,
-            "weights": final_weights(run_dir),
-            "dev": history(client, outcome.run_id, "dev/rsum")}
+    small = train_small(tmp_path_factory.mktemp("reference"), scenes_cache, *SYNC,
+                        "run.name=ref")
+    return {"tmp": small.tmp, "cfg": small.cfg, "outcome": small.outcome,
+            "run_dir": small.output_dir, "weights": final_weights(small.output_dir),
+            "dev": small.history("dev/rsum")}
 
 
 # ----------------------------------------------------------------------------- scenario 1
@@ -101,8 +98,7 @@ def reference(tmp_path_factory: pytest.TempPathFactory, scenes_cache: Path, loca
 
 def test_worker_sigkilled_after_a_checkpoint_resumes_bit_exactly(
         reference, tmp_path: Path, scenes_cache: Path) -> None:
-    cfg = load_config(None, small_overrides(tmp_path, scenes_cache, *SYNC, "run.name=killed",
-                                            "run.max_failures=1"))
+    cfg = small_config(tmp_path, scenes_cache, *SYNC, "run.name=killed", "run.max_failures=1")
     run_dir = Path(cfg.run.storage) / "killed"
 
     def rank0_after_epoch_1_checkpoint() -> list[int]:
@@ -119,7 +115,7 @@ def test_worker_sigkilled_after_a_checkpoint_resumes_bit_exactly(
     # The new worker group continued from a checkpoint (epoch >= 1), not from scratch.
     assert after and after[0] >= 2 and after == list(range(after[0], EPOCHS)), lines
     assert_same_weights(final_weights(run_dir), reference["weights"])
-    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    client = store_client(tmp_path)
     assert client.get_run(outcome.run_id).info.status == "FINISHED"
     # Bit-exact training gives the reference's dev scores, each epoch logged once.
     assert history(client, outcome.run_id, "dev/rsum") == reference["dev"]
@@ -134,9 +130,8 @@ def test_worker_sigkilled_after_a_checkpoint_resumes_bit_exactly(
 
 
 def test_an_exhausted_failure_budget_fails_clearly_after_exactly_max_failures_plus_one(
-        tmp_path: Path, scenes_cache: Path, local_ray) -> None:
-    cfg = load_config(None, small_overrides(tmp_path, scenes_cache, *SYNC, "run.name=doomed",
-                                            "run.max_failures=1"))
+        tmp_path: Path, scenes_cache: Path, private_ray) -> None:
+    cfg = small_config(tmp_path, scenes_cache, *SYNC, "run.name=doomed", "run.max_failures=1")
     run_dir = Path(cfg.run.storage) / "doomed"
     every_rank1_attempt = lambda: [x["pid"] for x in used_versions(run_dir, 1)]  # noqa: E731
     with killing(every_rank1_attempt, once=False) as killed, \
@@ -149,7 +144,7 @@ def test_an_exhausted_failure_budget_fails_clearly_after_exactly_max_failures_pl
     attempts = {x["pid"] for x in used_versions(run_dir, 1)}
     assert len(attempts) == 2 and attempts == set(killed)
     assert len({x["pid"] for x in used_versions(run_dir, 0)}) == 2
-    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    client = store_client(tmp_path)
     experiment = client.get_experiment_by_name("aoq")
     (run,) = client.search_runs([experiment.experiment_id])
     assert run.info.status == "FAILED"
@@ -168,7 +163,7 @@ def test_a_killed_driver_resubmitted_with_the_same_name_continues_its_run(
     first_attempt = {x["pid"] for x in used_versions(run_dir, 0) + used_versions(run_dir, 1)}
     wait_gone(first_attempt)  # the job's workers die with their driver
 
-    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    client = store_client(tmp_path)
     (stale,) = client.search_runs([client.get_experiment_by_name("aoq").experiment_id])
     assert stale.info.status == "RUNNING"  # what a SIGKILL leaves behind
     done_before = max(complete_epochs(run_dir))
@@ -192,17 +187,17 @@ def test_a_killed_driver_resubmitted_with_the_same_name_continues_its_run(
 
 
 def test_mining_that_fails_for_good_keeps_training_on_the_old_tables(
-        tmp_path: Path, scenes_cache: Path, local_ray) -> None:
+        tmp_path: Path, scenes_cache: Path, private_ray) -> None:
     """Synchronous mining on rank 0 cannot publish version 2: a foreign file occupies
     its place, as any lasting error would (the pool's version of this, with its actors
     killed, is test_async_refresh_e2e.py::test_a_permanently_failing_pool_...)."""
-    cfg = load_config(None, small_overrides(tmp_path, scenes_cache, *SYNC, "run.name=stuck"))
+    cfg = small_config(tmp_path, scenes_cache, *SYNC, "run.name=stuck")
     run_dir = Path(cfg.run.storage) / "stuck"
     (run_dir / "negatives").mkdir(parents=True)
     (run_dir / "negatives" / "v0002").write_text("not a table version")
     outcome = run_training(cfg)
 
-    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    client = store_client(tmp_path)
     run = client.get_run(outcome.run_id)
     assert run.info.status == "FINISHED" and "test/rsum" in outcome.test_metrics
     warning = run.data.tags["aoq.warning.refresh"]
@@ -227,7 +222,7 @@ def test_a_truncated_latest_checkpoint_falls_back_to_the_previous_one(reference)
 
     outcome = run_training(cfg)  # same name: Ray hands over the damaged checkpoint
 
-    client = MlflowClient(f"sqlite:///{reference['tmp'] / 'mlflow.db'}")
+    client = store_client(reference["tmp"])
     run = client.get_run(outcome.run_id)
     assert outcome.run_id == reference["outcome"].run_id and run.info.status == "FINISHED"
     warning = run.data.tags["aoq.warning.checkpoint"]

@@ -23,7 +23,7 @@ from aoq.cluster.tracking import (
 from aoq.config import load_config
 
 from conftest import (
-    driver_env, signal_driver_when, small_overrides, used_versions, wait_gone,
+    driver_env, signal_driver_when, small_overrides, store_client, used_versions, wait_gone,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -168,7 +168,7 @@ def test_sigterm_marks_the_run_killed(tmp_path: Path, scenes_cache: Path) -> Non
     log = (tmp_path / "driver.log").read_text()
     assert code == 128 + signal.SIGTERM, log[-3000:]
     assert "stopped by SIGTERM" in log and "marked KILLED" in log
-    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    client = store_client(tmp_path)
     (run,) = client.search_runs([client.get_experiment_by_name("aoq").experiment_id])
     assert run.info.status == "KILLED"
     wait_gone(x["pid"] for rank in (0, 1) for x in used_versions(run_dir, rank))

@@ -20,7 +20,7 @@ import pytest
 from aoq.negatives.tables import list_versions, load_tables, save_tables, version_dir
 from aoq.storage import RunStorage, StorageError
 
-from conftest import small_overrides
+from conftest import small_overrides, start_ray, store_client
 
 BUCKET = "aoq-runs"
 
@@ -129,8 +129,7 @@ def ray_with_s3(s3_endpoint: str) -> Iterator[str]:
     (child processes of this raylet) reach the same endpoint."""
     import ray
 
-    os.environ.pop("RAY_ADDRESS", None)
-    ray.init(address="local", num_cpus=2, logging_level="WARNING", include_dashboard=True)
+    start_ray()
     yield s3_endpoint
     ray.shutdown()
 
@@ -139,7 +138,6 @@ def ray_with_s3(s3_endpoint: str) -> Iterator[str]:
 @pytest.mark.e2e
 def test_training_job_on_s3_storage(tmp_path: Path, scenes_cache: Path, ray_with_s3: str,
                                     monkeypatch: pytest.MonkeyPatch) -> None:
-    from mlflow.tracking import MlflowClient
 
     from aoq.cluster.job import run_training
     from aoq.config import load_config
@@ -165,7 +163,7 @@ def test_training_job_on_s3_storage(tmp_path: Path, scenes_cache: Path, ray_with
 
     body = boto3.client("s3").get_object(Bucket=BUCKET, Key=f"{prefix}/s3run/test_metrics.json")
     assert json.loads(body["Body"].read()) == outcome.test_metrics
-    run = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").get_run(outcome.run_id)
+    run = store_client(tmp_path).get_run(outcome.run_id)
     assert run.info.status == "FINISHED"
     assert run.data.metrics["test/rsum"] == pytest.approx(outcome.test_metrics["test/rsum"])
     assert run.data.metrics["negatives/table_version"] == 1

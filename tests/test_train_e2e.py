@@ -6,21 +6,18 @@ import json
 from pathlib import Path
 
 import pytest
-from mlflow.tracking import MlflowClient
 
-from aoq.cluster.job import run_training
 from aoq.config import load_config
 
-from conftest import small_overrides
+from conftest import train_small
 
 pytestmark = [pytest.mark.ray, pytest.mark.e2e]
 
 
 def test_two_worker_triplet_run_is_recorded(tmp_path: Path, scenes_cache: Path, local_ray) -> None:
-    cfg = load_config(None, small_overrides(tmp_path, scenes_cache, "optim.epochs=2",
-                                            "loss.variant=triplet",
-                                            "run.name=e2e-triplet", "tracking.experiment=e2e"))
-    outcome = run_training(cfg)
+    small = train_small(tmp_path, scenes_cache, "optim.epochs=2", "loss.variant=triplet",
+                        "run.name=e2e-triplet", "tracking.experiment=e2e")
+    cfg, outcome, client = small.cfg, small.outcome, small.client
 
     out = Path(outcome.output_dir)
     assert out == tmp_path / "runs" / "e2e-triplet"
@@ -30,7 +27,6 @@ def test_two_worker_triplet_run_is_recorded(tmp_path: Path, scenes_cache: Path, 
     assert set(test) >= {"test/rsum", "test/i2t_r1", "test/t2i_r10", "test/i2t_medr"}
     assert outcome.test_metrics == test
 
-    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     run = client.get_run(outcome.run_id)
     assert run.info.status == "FINISHED"
     params = run.data.params

@@ -12,7 +12,7 @@ from mlflow.tracking import MlflowClient
 from aoq.cluster.tune_study import StudySpec, run_study
 from aoq.config import load_config
 
-from conftest import small_overrides
+from conftest import small_overrides, store_client
 
 pytestmark = [pytest.mark.ray, pytest.mark.e2e]
 
@@ -46,7 +46,7 @@ def children(client: MlflowClient, parent) -> list:
 
 def test_one_parent_run_and_one_nested_child_per_trial(study) -> None:
     tmp, spec, outcome = study
-    client = MlflowClient(f"sqlite:///{tmp / 'mlflow.db'}")
+    client = store_client(tmp)
     parent = client.get_run(outcome.parent_run_id)
     assert parent.info.status == "FINISHED"
     assert parent.data.tags["study"] == "margins"
@@ -75,7 +75,7 @@ def test_outputs_best_config_summary_and_plot(study) -> None:
     assert cfg.loss.margin_online == pytest.approx(best["loss.margin_online"])
     assert cfg.loss.margin_offline == pytest.approx(best["loss.margin_offline"])
     assert yaml.safe_load(Path(outcome.best_config_path).read_text())["optim"]["epochs"] == EPOCHS
-    client = MlflowClient(f"sqlite:///{tmp / 'mlflow.db'}")
+    client = store_client(tmp)
     artifacts = {a.path for a in client.list_artifacts(outcome.parent_run_id)}
     assert {"best_config.yaml", "summary.csv", "params_vs_metric.png",
             "margins.yaml"} <= artifacts

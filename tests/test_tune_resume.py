@@ -8,9 +8,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from mlflow.tracking import MlflowClient
 
-from conftest import driver_env, signal_driver_when, small_overrides
+from conftest import driver_env, signal_driver_when, small_overrides, store_client
 
 pytestmark = [pytest.mark.ray, pytest.mark.e2e]
 
@@ -46,7 +45,7 @@ def test_a_killed_study_resumes_without_repeating_a_trial(tmp_path: Path,
                              timeout=900)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
 
-    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    client = store_client(tmp_path)
     experiment = client.get_experiment_by_name("aoq")
     parents = client.search_runs([experiment.experiment_id],
                                  filter_string="tags.`aoq.kind` = 'tune-study'")
