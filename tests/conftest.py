@@ -130,13 +130,31 @@ def private_ray() -> Iterator[None]:
     ray.shutdown()
 
 
+@pytest.fixture(scope="module")
+def no_ray() -> Iterator[None]:
+    """No Ray instance in this process: for tests that show a job stops before Ray starts."""
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+    _SHARED_RAY["running"] = False
+    yield
+
+
 #: Fixtures that start a Ray instance of their own (their modules run after the ones
 #: sharing ``local_ray``, so the shared instance starts once).
 OWN_RAY_FIXTURES = {"private_ray", "ray_with_s3", "cluster"}
 
 
+def _ray_order(item: pytest.Item) -> int:
+    names = set(item.fixturenames)
+    if "no_ray" in names:
+        return 0
+    return 2 if OWN_RAY_FIXTURES & names else 1
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    items.sort(key=lambda item: bool(OWN_RAY_FIXTURES & set(item.fixturenames)))
+    items.sort(key=_ray_order)
 
 
 def pytest_sessionfinish(session: pytest.Session) -> None:  # noqa: ARG001 - hook signature

@@ -22,6 +22,9 @@ from aoq.data import DataError
 from aoq.data.precomp import write_precomp
 from aoq.negatives.tables import save_tables
 
+# These jobs must stop before Ray starts, so none may be running beforehand.
+pytestmark = pytest.mark.usefixtures("no_ray")
+
 ROOT = Path(__file__).resolve().parents[1]
 N_TRAIN, N_DEV, N_TEST = 30, 10, 10
 WORDS = ["red", "blue", "green", "cube", "ball", "cone", "left", "right", "above", "below"]

@@ -18,7 +18,6 @@ import pytest
 import torch
 
 import aoq.search
-from aoq.negatives import shards as negative_shards
 from aoq.search import SearchOptions, Shard, exact_topk, plan_shards, topk_rows_and_columns
 
 
@@ -177,8 +176,7 @@ def test_two_direction_validation(kwargs: dict, message: str) -> None:
 # -------------------------------------------------------------------------- shards
 
 
-def test_shards_live_in_search_and_scale() -> None:
-    assert negative_shards.Shard is Shard and negative_shards.plan_shards is plan_shards
+def test_shards_scale_to_a_finer_grid() -> None:
     shard = plan_shards(10, 3)[1]
     assert shard.scaled(5) == (5 * shard.start, 5 * shard.stop)
 
