@@ -27,24 +27,37 @@ ROOT = Path(__file__).resolve().parents[1]
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 
 
-def _status(head, submission_id: str) -> str:
-    """The job's status through Ray's job SDK, in a process with the head's token."""
-    code = ("import os, sys; from ray.job_submission import JobSubmissionClient; "
-            "print(JobSubmissionClient(os.environ['RAY_ADDRESS']).get_job_status(sys.argv[1]))")
-    out = subprocess.run([sys.executable, "-c", code, submission_id],
-                         env={**head.env, "RAY_ADDRESS": head.dashboard},
-                         capture_output=True, text=True, timeout=120)
-    return out.stdout.strip().rsplit(".", 1)[-1] if out.returncode == 0 else "?"
+#: Waits for a job through Ray's job SDK, in a process with the head's token (the SDK
+#: reads it from the environment), and prints its final status. One process for the
+#: whole wait: each new one would spend seconds importing Ray.
+_WAIT_FOR_JOB = """
+import os, sys, time
+from ray.job_submission import JobSubmissionClient
+client = JobSubmissionClient(os.environ["RAY_ADDRESS"])
+deadline = time.monotonic() + float(sys.argv[2])
+while True:
+    state = str(client.get_job_status(sys.argv[1])).rsplit(".", 1)[-1]
+    if state in ("SUCCEEDED", "FAILED", "STOPPED") or time.monotonic() > deadline:
+        print(state)
+        break
+    time.sleep(0.5)
+"""
 
 
 def _wait(head, submission_id: str, timeout: float = 600) -> str:
-    deadline = time.monotonic() + timeout
-    state = _status(head, submission_id)
-    while state not in TERMINAL and time.monotonic() < deadline:
-        head.processes()  # remember the job's processes while they run
-        time.sleep(3)
-        state = _status(head, submission_id)
-    return state
+    waiter = subprocess.Popen([sys.executable, "-c", _WAIT_FOR_JOB, submission_id,
+                               str(timeout)], env={**head.env, "RAY_ADDRESS": head.dashboard},
+                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        while waiter.poll() is None:
+            head.processes()  # remember the job's processes while they run
+            time.sleep(0.5)
+        state = waiter.stdout.read().strip()
+    finally:
+        if waiter.poll() is None:
+            waiter.kill()
+        waiter.wait()
+    return state if state in TERMINAL else "?"
 
 
 def test_outputs_inside_a_submitted_jobs_working_dir_are_refused(
