@@ -26,6 +26,9 @@ from typing import Any
 from aoq.config import Config, ConfigError, TrackingConfig, dump_yaml, flatten
 
 RUN_NAME_TAG = "aoq.run_name"
+#: MLflow 3's UI opens an experiment on the view its kind names; without this tag it
+#: opens on the (empty) GenAI overview instead of the training runs.
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
 #: ``host:pid:process start time`` of the driver that last opened the run.
 DRIVER_TAG = "aoq.driver"
 
@@ -103,7 +106,8 @@ def ensure_experiment(uri: str, name: str) -> str:
     if exp is not None:
         return exp.experiment_id
     try:
-        return client.create_experiment(name, artifact_location=default_artifact_root(uri))
+        return client.create_experiment(name, artifact_location=default_artifact_root(uri),
+                                        tags=EXPERIMENT_KIND)
     except Exception:  # noqa: BLE001 - lost a creation race: the experiment now exists
         exp = client.get_experiment_by_name(name)
         if exp is None:

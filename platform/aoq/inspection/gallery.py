@@ -13,11 +13,9 @@ import base64
 import os
 import time
 from dataclasses import dataclass
-from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-import jinja2
 import numpy as np
 
 from aoq.atomic import atomic_write_text
@@ -27,6 +25,7 @@ from aoq.data.precomp import captions_path, iter_caption_lines
 from aoq.data.prepare import PreparedData, SplitArrays, open_split
 from aoq.inspection.hard_negatives import AnchorNegatives, TablesInUse, score_anchor, tables_in_use
 from aoq.inspection.index import SplitIndex, open_index
+from aoq.inspection.pages import templates
 from aoq.inspection.query import image_scores, text_scores, top_hits
 
 GALLERY_FILE = "gallery.html"
@@ -119,12 +118,6 @@ def _anchor(view: SplitView, scored: AnchorNegatives) -> dict:
                                 for i, s in scored.image_negatives]}
 
 
-@lru_cache(maxsize=1)
-def _templates() -> jinja2.Environment:
-    return jinja2.Environment(loader=jinja2.PackageLoader("aoq.inspection", "templates"),
-                              autoescape=True, undefined=jinja2.StrictUndefined)
-
-
 def render_gallery(test: SplitIndex, test_view: SplitView, *, title: str,
                    options: GalleryOptions = GalleryOptions(),
                    train: SplitArrays | None = None, train_view: SplitView | None = None,
@@ -152,7 +145,7 @@ def render_gallery(test: SplitIndex, test_view: SplitView, *, title: str,
         anchors = [_anchor(train_view, score_anchor(
             test.model, train, tables.tables, int(i), int(i) * cpi + int(rng.integers(cpi)),
             options.top)) for i in picked]
-    return _templates().get_template("gallery.html.j2").render(
+    return templates().get_template("gallery.html.j2").render(
         title=title, model=test.model_name, checkpoint=test.checkpoint, split=test.split_name,
         created=time.strftime("%Y-%m-%d %H:%M:%S %Z"), top=options.top,
         text_queries=[_text_to_image(test, test_view, int(c), options.top) for c in captions],

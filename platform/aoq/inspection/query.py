@@ -65,11 +65,11 @@ def query_tokens(index: SplitIndex, text: str, max_chars: int = MAX_QUERY_CHARS
     return torch.tensor([ids], dtype=torch.long)
 
 
-def check_image(index: SplitIndex, image: int) -> int:
-    """``image`` if it is an image index of the split, else QueryError."""
-    if not 0 <= image < index.n_images:
-        raise QueryError(f"image {image} is out of range: the {index.split_name} split has "
-                         f"images 0..{index.n_images - 1}")
+def check_image_id(image: int, n_images: int, split: str) -> int:
+    """``image`` if it is an image index of a split of ``n_images``, else QueryError."""
+    if not 0 <= image < n_images:
+        raise QueryError(f"image {image} is out of range: the {split} split has images "
+                         f"0..{n_images - 1}")
     return image
 
 
@@ -87,7 +87,7 @@ def text_scores(index: SplitIndex, text: str, max_chars: int = MAX_QUERY_CHARS
 
 def image_scores(index: SplitIndex, image: int) -> np.ndarray:
     """(n_captions,) float32 scores S(image, caption) of every caption of the split."""
-    check_image(index, image)
+    check_image_id(image, index.n_images, index.split_name)
     model = index.model
     query = index.images[image:image + 1]
     with eval_mode(model):
