@@ -43,6 +43,10 @@ _TRACEBACK_LINKS = ("During handling of the above exception",
 _AOQ_FRAME = re.compile(r'File ".*(/aoq/|/jobs/)[^"]*\.py"')
 
 
+# The raylet's notice that a task of a dead actor will be retried (Ray's own retry logic).
+_RETRY_NOTICE = re.compile(r"^Task \S+ failed\. There are (infinite|\d+) retries remaining")
+
+
 def set_verbose(on: bool) -> None:
     """Show (True) or hide (False) Ray's own output, in this process and in every
     process it starts (Ray workers inherit the environment)."""
@@ -59,7 +63,7 @@ def is_verbose() -> bool:
 def is_ray_internal(line: str) -> bool:
     """Whether one line (outside a traceback) is Ray's own chatter."""
     return bool(_CPP_LOG.match(line) or _RAY_PY_WARNING.match(line)
-                or _SIGNAL_DUMP.match(line))
+                or _SIGNAL_DUMP.match(line) or _RETRY_NOTICE.match(line))
 
 
 def _continues_traceback(line: str) -> bool:

@@ -16,6 +16,7 @@ removes the application (and stops the local Ray it started) and returns.
 
 from __future__ import annotations
 
+import logging
 import signal
 import threading
 from collections.abc import Callable
@@ -137,8 +138,11 @@ def serve_until_stopped(spec: ServeSpec, *, host: str = "127.0.0.1", port: int =
     """Deploy ``spec`` behind Ray Serve's HTTP proxy on ``host:port`` and block until
     SIGINT or SIGTERM; then delete the application and, if this call started a local
     Ray, stop Serve and Ray. ``on_ready(url)`` is called once requests are answered."""
-    stop, restore = _stop_on_signals()
     started_local = connect_ray()
+    # After ray.init, whose core worker installs handlers of its own for these signals.
+    stop, restore = _stop_on_signals()
+    if not is_verbose():
+        logging.getLogger("ray.serve").setLevel(logging.WARNING)
     try:
         serve.start(http_options={"host": host, "port": port},
                     logging_config={"enable_access_log": is_verbose()})
