@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from aoq.cluster.tracking import EXPERIMENT_KIND
+from aoq.cluster.tracking import DEFAULT_UI, EXPERIMENT_KIND, RunHandle, ui_link
 from aoq.data.pictures import SplitPictures
 from aoq.data.scene_pictures import PICTURE_SIZE
 from aoq.data.prepare import prepare_data
@@ -72,10 +72,20 @@ def test_the_warm_up_loss_is_logged_apart(run: SmallRun) -> None:
     assert [s for s, _ in run.history("warmup/online_image_anchor")] == [0]
 
 
-def test_the_experiment_opens_on_the_training_runs(run: SmallRun) -> None:
+def test_the_experiment_is_marked_and_the_run_s_link_opens_its_training_view(
+        run: SmallRun) -> None:
     experiment = run.client.get_experiment_by_name(run.cfg.tracking.experiment)
     for key, value in EXPERIMENT_KIND.items():
         assert experiment.tags[key] == value
+    # MLflow 3.17's UI shows the GenAI overview unless the link asks for model training
+    # (checked by hand in headless Chromium: docs/inspection.md).
+    local = RunHandle(f"sqlite:///{run.tmp / 'mlflow.db'}", run.outcome.run_id,
+                      experiment.experiment_id)
+    assert ui_link(local) == (f"{DEFAULT_UI}/#/experiments/{experiment.experiment_id}/runs/"
+                              f"{run.outcome.run_id}?workflowType=machine_learning")
+    server = RunHandle("http://10.0.0.10:5000/", "abc", "7")
+    assert ui_link(server) == ("http://10.0.0.10:5000/#/experiments/7/runs/abc"
+                               "?workflowType=machine_learning")
 
 
 # ------------------------------------------------------------------ serving
@@ -105,6 +115,20 @@ class Server:
         return status, json.loads(body)
 
 
+def wait_until_answers(url: str, process: subprocess.Popen, log: Path) -> None:
+    deadline = time.monotonic() + 600  # a hang guard, not a timing assertion
+    while True:
+        assert process.poll() is None, f"exited early:\n{log.read_text()[-3000:]}"
+        assert time.monotonic() < deadline, f"{url} never answered"
+        try:
+            with urllib.request.urlopen(url, timeout=30) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.5)
+
+
 @pytest.fixture(scope="module")
 def server(run: SmallRun, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     """``jobs/serve.py`` on the run's best model, in its own process (and its own Ray)."""
@@ -117,16 +141,7 @@ def server(run: SmallRun, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
             stdout=out, stderr=subprocess.STDOUT, env=driver_env(), cwd=log.parent)
     server = Server(process, f"http://127.0.0.1:{port}/", log)
     try:
-        deadline = time.monotonic() + 600  # a hang guard, not a timing assertion
-        while True:
-            assert process.poll() is None, f"serve exited early:\n{log.read_text()[-3000:]}"
-            assert time.monotonic() < deadline, "the server never answered"
-            try:
-                if server.get("api/health")[0] == 200:
-                    break
-            except OSError:
-                pass
-            time.sleep(0.5)
+        wait_until_answers(server.base + "api/health", process, log)
         yield server
     finally:
         if process.poll() is None:  # a failed test left it running: stop what we started

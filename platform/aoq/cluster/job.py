@@ -30,7 +30,7 @@ from aoq.atomic import atomic_write_text
 from aoq.cluster.console import after_ray_init, before_ray_init
 from aoq.cluster.tracking import (
     RunHandle, check_store, end_run, git_commit, log_artifact, resolve_tracking_uri, set_tags,
-    start_run,
+    start_run, ui_link,
 )
 from aoq.cluster.train_loop import WorkerPayload, train_loop_per_worker
 from aoq.config import Config, ConfigError, dump_yaml, parse_negative_source
@@ -334,8 +334,8 @@ def run_training(cfg: Config, *, tags: dict[str, str] | None = None,
     with sigterm_raises() as sigterm:
         handle = start_run(cfg, run_name, {**_run_tags(cfg, prepared), **(tags or {})},
                            resume=cfg.run.resume)
-        print(f"[aoq] run {run_name!r}: MLflow run {handle.run_id} at {handle.tracking_uri}",
-              flush=True)
+        print(f"[aoq] run {run_name!r}: MLflow run {handle.run_id} at {handle.tracking_uri}; "
+              f"in the MLflow UI: {ui_link(handle)}", flush=True)
         payload = WorkerPayload(config=cfg, prepared=prepared, run=handle,
                                 output_dir=str(output_dir), initial_tables=tables)
         try:
