@@ -105,7 +105,8 @@ def main(argv: list[str] | None = None) -> int:
           f"{'image query':>12}")
     for r in results:
         print(f"{r['model']:6} {r['open_index_cold_s']:10.2f}s {r['open_index_warm_s']:10.3f}s "
-              f"{r['text_query_median_s'] * 1000:9.1f}ms {r['image_query_median_s'] * 1000:10.1f}ms")
+              f"{r['text_query_median_s'] * 1000:9.1f}ms "
+              f"{r['image_query_median_s'] * 1000:10.1f}ms")
     print(f"jobs/query.py (vse), fresh processes: first {first:.1f}s, second {second:.1f}s")
     return 0
 

@@ -1,6 +1,6 @@
 """Query a trained model: the top-k images for a text, or the top-k captions for an image.
 
-    python jobs/query.py --checkpoint outputs/<run>/best_model.pt --text "a red dog left of a blue car"
+    python jobs/query.py --checkpoint outputs/<run>/best_model.pt --text "a red dog"
     python jobs/query.py --checkpoint outputs/<run>/best_model.pt --image 17 --k 5
     python jobs/query.py --checkpoint best_model.pt --text "two dogs" --json \
         data.dataset=/data/coco_precomp data.test_split=testall
