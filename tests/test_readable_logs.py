@@ -124,6 +124,19 @@ def test_a_traceback_split_across_batches_is_judged_whole() -> None:
         "Exception in thread T:", "a plain line"]
 
 
+def test_verbose_brings_ray_s_output_back() -> None:
+    from aoq.cli import config_parser
+    from aoq.cluster.console import is_verbose
+
+    parser = config_parser("a job")
+    try:
+        assert parser.parse_args(["optim.epochs=2"]).verbose is False and not is_verbose()
+        assert parser.parse_args(["--verbose", "optim.epochs=2"]).verbose is True
+        assert is_verbose()  # and every process the job starts inherits it (AOQ_VERBOSE)
+    finally:
+        set_verbose(False)
+
+
 @pytest.mark.ray
 def test_the_driver_console_drops_what_ray_workers_print_of_ray(local_ray, capfd) -> None:
     import ray

@@ -24,6 +24,18 @@ Every option, with its default:
 """
 
 
+class _Verbose(argparse.Action):
+    """``--verbose``: applied when parsed, so every job that uses :func:`config_parser`
+    (and every process it starts) shows Ray's own output."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str, **kwargs) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=False, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        setattr(namespace, self.dest, True)
+        set_verbose(True)
+
+
 def config_parser(description: str) -> argparse.ArgumentParser:
     """An argparse parser with ``--config`` and positional overrides; ``--help`` lists
     every option with its default."""
@@ -33,7 +45,7 @@ def config_parser(description: str) -> argparse.ArgumentParser:
         epilog=OVERRIDE_HELP + options_help(),
     )
     parser.add_argument("--config", metavar="FILE", help="YAML config file")
-    parser.add_argument("--verbose", action="store_true",
+    parser.add_argument("--verbose", action=_Verbose,
                         help="also show Ray's own warnings and internal tracebacks (they are "
                              "always in Ray's logs)")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
@@ -42,7 +54,6 @@ def config_parser(description: str) -> argparse.ArgumentParser:
 
 
 def load_from_args(args: argparse.Namespace) -> Config:
-    set_verbose(getattr(args, "verbose", False))
     return load_config(args.config, args.overrides)
 
 
