@@ -56,8 +56,7 @@ def capture_gallery(checkpoint: Path, out: Path, work: Path) -> None:
                     str(checkpoint), "--out", str(page)], check=True)
     with headless_chromium(1280, 1000) as driver:
         driver.get(page.as_uri())
-        driver.execute_script("document.body.style.margin = '16px'")
-        clip_png(driver, "body", out / "gallery_retrievals.png", height=1250)
+        clip_png(driver, "html", out / "gallery_retrievals.png", height=1250)
         clip_png(driver, "section.anchor", out / "gallery_hard_negatives.png")
 
 
@@ -102,6 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--query", default="a red dog to the left of a blue car on the grass")
     parser.add_argument("--out", type=Path, default=ROOT / "docs")
     args = parser.parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="aoq-capture-") as tmp:
         capture_gallery(args.checkpoint.resolve(), args.out, Path(tmp))
         capture_served_page(args.checkpoint.resolve(), args.query, args.out, Path(tmp))
