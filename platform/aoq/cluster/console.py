@@ -39,12 +39,10 @@ _TRACEBACK_START = "Traceback (most recent call last):"
 _THREAD_HEADER = re.compile(r"^Exception in thread \S.*:$")
 _TRACEBACK_LINKS = ("During handling of the above exception",
                     "The above exception was the direct cause")
-# A frame of aoq code: the package (installed or platform/aoq) or a job script.
-_AOQ_FRAME = re.compile(r'File ".*(/aoq/|/jobs/)[^"]*\.py"')
-
-
 # The raylet's notice that a task of a dead actor will be retried (Ray's own retry logic).
 _RETRY_NOTICE = re.compile(r"^Task \S+ failed\. There are (infinite|\d+) retries remaining")
+# A frame of aoq code: the package (installed or platform/aoq) or a job script.
+_AOQ_FRAME = re.compile(r'File ".*(/aoq/|/jobs/)[^"]*\.py"')
 
 
 def set_verbose(on: bool) -> None:
