@@ -158,12 +158,15 @@ def test_the_index_is_cached_by_checkpoint_and_split(data, checkpoints, tmp_path
     torch.testing.assert_close(again.images, first.images, rtol=0, atol=0)
 
 
-def test_encoding_shows_progress(data, checkpoints, capsys) -> None:
+def test_mining_shows_progress_while_it_encodes(data, capsys) -> None:
     cfg, prepared = data
     model = build_model(cfg.model, prepared.vocab_size, prepared.feature_dim)
-    encode_split(model, open_split(prepared, "train"), progress=True)
+    train = open_split(prepared, "train")
+    mine_from_model(model, train, k_captions=10, k_images=5, progress=True)  # jobs/mine.py
     err = capsys.readouterr().err
     assert "encoding images" in err and "encoding captions" in err and "240/240" in err
+    encode_split(model, train)  # silent unless asked
+    assert "encoding" not in capsys.readouterr().err
 
 
 # ------------------------------------------------------------------ the query CLI
