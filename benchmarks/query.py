@@ -19,6 +19,7 @@ import dataclasses
 import json
 import os
 import platform
+import resource
 import statistics
 import subprocess
 import sys
@@ -32,6 +33,14 @@ def timed(fn) -> tuple[float, object]:
     start = time.perf_counter()
     value = fn()
     return time.perf_counter() - start, value
+
+
+def cpu_timed(fn) -> tuple[float, float, object]:
+    """(wall seconds, CPU seconds of this process, value): on a shared machine the CPU
+    time says what the work costs, the wall time also what the neighbours took."""
+    wall, cpu = time.perf_counter(), time.process_time()
+    value = fn()
+    return time.perf_counter() - wall, time.process_time() - cpu, value
 
 
 def measure_model(name: str, cfg, prepared, out: Path, repeats: int) -> dict:
@@ -50,29 +59,34 @@ def measure_model(name: str, cfg, prepared, out: Path, repeats: int) -> dict:
     save_file(checkpoint, model_record(model_cfg, model, vocab_size=prepared.vocab_size,
                                        img_dim=prepared.feature_dim))
     cache = out / f"cache-{name}"
-    cold, _ = timed(lambda: open_index(checkpoint, prepared, "test", cache))
-    warm, index = timed(lambda: open_index(checkpoint, prepared, "test", cache))
+    cold, cold_cpu, _ = cpu_timed(lambda: open_index(checkpoint, prepared, "test", cache))
+    warm, warm_cpu, index = cpu_timed(lambda: open_index(checkpoint, prepared, "test", cache))
     captions = read_captions(prepared.directory, "test")
     text = [timed(lambda j=j: search_text(index, captions[j * 37 % len(captions)], 10))[0]
             for j in range(repeats)]
     image = [timed(lambda i=i: search_image(index, i * 13 % index.n_images, 10))[0]
              for i in range(repeats)]
     return {"model": name, "open_index_cold_s": cold, "open_index_warm_s": warm,
+            "open_index_cold_cpu_s": cold_cpu, "open_index_warm_cpu_s": warm_cpu,
             "text_query_median_s": statistics.median(text),
             "image_query_median_s": statistics.median(image), "checkpoint": str(checkpoint)}
 
 
-def cli_seconds(checkpoint: Path, cache_dir: Path) -> list[float]:
-    """Wall time of two ``jobs/query.py`` calls in fresh processes (cold, then warm)."""
+def cli_seconds(checkpoint: Path, cache_dir: Path) -> list[tuple[float, float]]:
+    """(wall, CPU) seconds of two ``jobs/query.py`` calls in fresh processes (cold, then
+    warm); CPU is the child's user + system time."""
     command = [sys.executable, str(ROOT / "jobs" / "query.py"), "--checkpoint",
                str(checkpoint), "--text", "a red dog to the left of a blue car", "--json",
                f"data.cache_dir={cache_dir}"]
     times = []
     for _ in range(2):
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
         start = time.perf_counter()
         subprocess.run(command, check=True, stdout=subprocess.DEVNULL,
                        stderr=subprocess.DEVNULL)
-        times.append(time.perf_counter() - start)
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        times.append((time.perf_counter() - start, (after.ru_utime - before.ru_utime)
+                      + (after.ru_stime - before.ru_stime)))
     return times
 
 
@@ -99,15 +113,19 @@ def main(argv: list[str] | None = None) -> int:
     first, second = cli_seconds(Path(results[0]["checkpoint"]), args.out / "data")
     report = {"machine": f"{platform.machine()}, {os.cpu_count()} cores, no GPU",
               "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "results": results,
-              "cli_vse_first_s": first, "cli_vse_second_s": second}
+              "load_average": os.getloadavg(),
+              "cli_vse_first_s": first[0], "cli_vse_second_s": second[0],
+              "cli_vse_first_cpu_s": first[1], "cli_vse_second_cpu_s": second[1]}
     (args.out / "query_bench.json").write_text(json.dumps(report, indent=2))
-    print(f"{'model':6} {'index cold':>11} {'index warm':>11} {'text query':>11} "
+    print(f"{'model':6} {'index cold (cpu)':>18} {'index warm (cpu)':>18} {'text query':>11} "
           f"{'image query':>12}")
     for r in results:
-        print(f"{r['model']:6} {r['open_index_cold_s']:10.2f}s {r['open_index_warm_s']:10.3f}s "
+        print(f"{r['model']:6} {r['open_index_cold_s']:7.2f}s ({r['open_index_cold_cpu_s']:5.1f}s) "
+              f"{r['open_index_warm_s']:7.3f}s ({r['open_index_warm_cpu_s']:5.2f}s) "
               f"{r['text_query_median_s'] * 1000:9.1f}ms "
               f"{r['image_query_median_s'] * 1000:10.1f}ms")
-    print(f"jobs/query.py (vse), fresh processes: first {first:.1f}s, second {second:.1f}s")
+    print(f"jobs/query.py (vse), fresh processes: first {first[0]:.1f}s (cpu {first[1]:.1f}s), "
+          f"second {second[0]:.1f}s (cpu {second[1]:.1f}s); load average {os.getloadavg()}")
     return 0
 
 
