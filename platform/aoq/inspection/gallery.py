@@ -106,13 +106,11 @@ def _image_to_text(index: SplitIndex, view: SplitView, image: int, top: int) -> 
 
 
 def _anchor(view: SplitView, scored: AnchorNegatives) -> dict:
-    cpi = view.captions_per_image
     return {"picture": view.picture(scored.image), "caption": scored.caption,
             "text": view.captions[scored.caption], "positive": scored.positive,
             "caption_negatives": [
                 {"caption": c, "text": view.captions[c], "score": s,
-                 "harder": s > scored.positive, "picture": view.picture(c // cpi)}
-                for c, s in scored.caption_negatives],
+                 "harder": s > scored.positive} for c, s in scored.caption_negatives],
             "image_negatives": [{"score": s, "harder": s > scored.positive,
                                  "picture": view.picture(i)}
                                 for i, s in scored.image_negatives]}
