@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parents[1] / "platform" / "aoq"
 #: before it. ``atomic`` and ``storage`` are file utilities every layer may use; ``cli``
 #: is the command-line glue of ``jobs/``.
 LAYERS = ("atomic", "storage", "config", "data", "models", "search", "losses", "negatives",
-          "evaluation", "training", "cluster", "cli")
+          "evaluation", "training", "inspection", "cluster", "cli")
 #: Third-party packages that only the cluster layer may import.
 CLUSTER_ONLY = ("ray", "mlflow")
 

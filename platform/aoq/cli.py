@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import aoq.models  # noqa: F401 - registers the model names that config validation checks
+from aoq.cluster.console import set_verbose
 from aoq.config import Config, ConfigError, load_config, options_help
 from aoq.data.errors import DataError
+from aoq.inspection.query import QueryError
 from aoq.models.files import CheckpointError
+from aoq.training.run_files import CONFIG_FILE
 
 OVERRIDE_HELP = """\
 Configuration: defaults < --config FILE (YAML) < overrides.
@@ -17,6 +22,18 @@ An override is KEY=VALUE with a dotted key, e.g.
     optim.epochs=20 loss.variant=aoq negatives.sampling_range=300 tracking.tags.group=ablation
 Every option, with its default:
 """
+
+
+class _Verbose(argparse.Action):
+    """``--verbose``: applied when parsed, so every job that uses :func:`config_parser`
+    (and every process it starts) shows Ray's own output."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str, **kwargs) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=False, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        setattr(namespace, self.dest, True)
+        set_verbose(True)
 
 
 def config_parser(description: str) -> argparse.ArgumentParser:
@@ -28,6 +45,9 @@ def config_parser(description: str) -> argparse.ArgumentParser:
         epilog=OVERRIDE_HELP + options_help(),
     )
     parser.add_argument("--config", metavar="FILE", help="YAML config file")
+    parser.add_argument("--verbose", action=_Verbose,
+                        help="also show Ray's own warnings and internal tracebacks (they are "
+                             "always in Ray's logs)")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                         help="dotted config overrides (see below)")
     return parser
@@ -37,12 +57,22 @@ def load_from_args(args: argparse.Namespace) -> Config:
     return load_config(args.config, args.overrides)
 
 
+def load_for_checkpoint(args: argparse.Namespace, checkpoint: str | os.PathLike) -> Config:
+    """Like :func:`load_from_args`, but without ``--config`` the run's own config
+    (``config.yaml`` beside the checkpoint, when there is one) is the base, so a run's
+    model is read with the data settings it was trained on; overrides still apply."""
+    saved = Path(checkpoint).parent / CONFIG_FILE
+    if args.config is None and saved.is_file():
+        args = argparse.Namespace(**{**vars(args), "config": str(saved)})
+    return load_from_args(args)
+
+
 def run_cli(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | None = None
             ) -> None:
     """Run ``main`` and turn input errors into a one-paragraph message and exit code 2."""
     try:
         code = main(argv)
-    except (ConfigError, DataError, CheckpointError) as exc:
+    except (ConfigError, DataError, CheckpointError, QueryError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
     sys.exit(code)

@@ -27,18 +27,23 @@ from ray.train import (
 from ray.train.torch import TorchTrainer
 
 from aoq.atomic import atomic_write_text
+from aoq.cluster.console import after_ray_init, before_ray_init
 from aoq.cluster.tracking import (
-    RunHandle, check_store, end_run, git_commit, log_artifact, resolve_tracking_uri, start_run,
+    RunHandle, check_store, end_run, git_commit, log_artifact, resolve_tracking_uri, set_tags,
+    start_run, ui_link,
 )
 from aoq.cluster.train_loop import WorkerPayload, train_loop_per_worker
 from aoq.config import Config, ConfigError, dump_yaml, parse_negative_source
 from aoq.data.prepare import PreparedData, open_split, prepare_data
+from aoq.inspection.gallery import GALLERY_FILE, gallery_for_checkpoint, write_gallery
+from aoq.inspection.hard_negatives import last_used_version
 from aoq.negatives.checkpoints import mine_from_checkpoint
 from aoq.negatives.schedule import mines_during_training, uses_offline
 from aoq.negatives.tables import load_tables, save_tables, version_dir
 from aoq.storage import RunStorage
 from aoq.training.run_files import (
     BEST_MODEL_FILE, CONFIG_FILE, RECALL_PLOT_FILE, TEST_METRICS_FILE, tables_root,
+    used_versions_file,
 )
 
 
@@ -186,12 +191,12 @@ def connect_ray() -> bool:
     """
     if ray.is_initialized():
         return False
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init(logging_level="WARNING")
-        return False
+    before_ray_init()
+    started = not os.environ.get("RAY_ADDRESS")
     # The dashboard stays on (loopback only): Ray Train's state API needs it.
-    ray.init(address="local", logging_level="WARNING")
-    return True
+    ray.init(**({"address": "local"} if started else {}), logging_level="WARNING")
+    after_ray_init()
+    return started
 
 
 def check_resources(cfg: Config) -> None:
@@ -271,6 +276,27 @@ def _log_outputs(handle: RunHandle, storage: RunStorage) -> None:
             log_artifact(handle, path)
 
 
+def _log_gallery(cfg: Config, prepared: PreparedData, handle: RunHandle,
+                 storage: RunStorage) -> None:
+    """Write and log the run's retrieval gallery (``aoq.inspection.gallery``). The run
+    has finished by then: a failure here is a warning and a tag, never a failed run."""
+    run_dir = storage.work_dir
+    try:
+        storage.pull(used_versions_file(run_dir, 0))
+        used = last_used_version(run_dir)
+        if used and parse_negative_source(cfg.negatives.source)[0] != "tables":
+            storage.pull(version_dir(tables_root(run_dir), used))
+        html = gallery_for_checkpoint(run_dir / BEST_MODEL_FILE, cfg, prepared, run_dir=run_dir)
+        path = write_gallery(run_dir / GALLERY_FILE, html)
+        storage.push(path)
+        log_artifact(handle, path)
+    except Exception as exc:  # noqa: BLE001 - whatever went wrong, the model is trained
+        why = f"{type(exc).__name__}: {' '.join(str(exc).split())}"[:2000]
+        print(f"[aoq] warning: no retrieval gallery for this run ({why})", file=sys.stderr,
+              flush=True)
+        set_tags(handle, {"aoq.warning.gallery": why})
+
+
 def run_training(cfg: Config, *, tags: dict[str, str] | None = None,
                  callbacks: Sequence[Any] = (), record_failure: bool = True
                  ) -> TrainingOutcome:
@@ -308,13 +334,14 @@ def run_training(cfg: Config, *, tags: dict[str, str] | None = None,
     with sigterm_raises() as sigterm:
         handle = start_run(cfg, run_name, {**_run_tags(cfg, prepared), **(tags or {})},
                            resume=cfg.run.resume)
-        print(f"[aoq] run {run_name!r}: MLflow run {handle.run_id} at {handle.tracking_uri}",
-              flush=True)
+        print(f"[aoq] run {run_name!r}: MLflow run {handle.run_id} at {handle.tracking_uri}; "
+              f"in the MLflow UI: {ui_link(handle)}", flush=True)
         payload = WorkerPayload(config=cfg, prepared=prepared, run=handle,
                                 output_dir=str(output_dir), initial_tables=tables)
         try:
             test_metrics = _fit(cfg, payload, run_name, callbacks, storage)
             _log_outputs(handle, storage)
+            _log_gallery(cfg, prepared, handle, storage)
         except (KeyboardInterrupt, Terminated):
             if record_failure:
                 end_run(handle, "KILLED")

@@ -26,6 +26,10 @@ from typing import Any
 from aoq.config import Config, ConfigError, TrackingConfig, dump_yaml, flatten
 
 RUN_NAME_TAG = "aoq.run_name"
+#: MLflow's mark of an experiment that trains models (not GenAI traces).
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
+#: Where ``mlflow ui`` listens by default (README: bound to 127.0.0.1).
+DEFAULT_UI = "http://127.0.0.1:5000"
 #: ``host:pid:process start time`` of the driver that last opened the run.
 DRIVER_TAG = "aoq.driver"
 
@@ -103,12 +107,27 @@ def ensure_experiment(uri: str, name: str) -> str:
     if exp is not None:
         return exp.experiment_id
     try:
-        return client.create_experiment(name, artifact_location=default_artifact_root(uri))
+        return client.create_experiment(name, artifact_location=default_artifact_root(uri),
+                                        tags=EXPERIMENT_KIND)
     except Exception:  # noqa: BLE001 - lost a creation race: the experiment now exists
         exp = client.get_experiment_by_name(name)
         if exp is None:
             raise
         return exp.experiment_id
+
+
+def ui_link(handle: RunHandle) -> str:
+    """The link that opens the run's experiment on its training runs in the MLflow UI.
+
+    MLflow 3.17's UI picks an experiment's view from its GenAI / Model training switch
+    (the ``workflowType`` URL parameter, else the browser's last choice, else GenAI: an
+    empty trace overview), not from the experiment's kind tag, so the link carries the
+    parameter. A tracking server is its own UI; a local store is read by ``mlflow ui``.
+    """
+    base = handle.tracking_uri if handle.tracking_uri.startswith(("http://", "https://")) \
+        else DEFAULT_UI
+    return (f"{base.rstrip('/')}/#/experiments/{handle.experiment_id}/runs/{handle.run_id}"
+            "?workflowType=machine_learning")
 
 
 def check_store(uri: str, experiment: str) -> str:

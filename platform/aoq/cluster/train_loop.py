@@ -121,6 +121,7 @@ class Worker:
         wall_start = time.perf_counter()
         boundary = self.tables.prepare(epoch)
         metrics, stats = self.session.run_epoch(epoch)
+        metrics = warmup_apart(metrics)
         metrics.update(boundary)
         if self.rank == 0:
             metrics["time/epoch_wall_seconds"] = time.perf_counter() - wall_start
@@ -165,6 +166,32 @@ class Worker:
         self.tables.close()
 
 
+#: The online terms a max-violation warm-up epoch sums over every in-batch negative.
+WARMUP_TERMS = ("online_image_anchor", "online_caption_anchor")
+
+
+def warmup_apart(metrics: dict[str, float]) -> dict[str, float]:
+    """Keep a warm-up epoch's loss from flattening every loss chart.
+
+    During the max-violation warm-up the online terms sum the hinge over all in-batch
+    negatives, two orders of magnitude above the hardest-negative terms of the epochs
+    after it. For such an epoch (the loss reported ``train/hardest_*``), ``train/<term>``
+    and ``train/loss`` hold the hardest-negative values of the same batches, so every
+    ``train/`` chart shows one quantity throughout, and the sums it optimised go to
+    ``warmup/<term>`` and ``warmup/loss``. Other epochs are returned unchanged.
+    """
+    if not all(f"train/hardest_{term}" in metrics for term in WARMUP_TERMS):
+        return metrics
+    out = dict(metrics)
+    out["warmup/loss"] = metrics["train/loss"]
+    for term in WARMUP_TERMS:
+        hardest = out.pop(f"train/hardest_{term}")
+        out[f"warmup/{term}"] = metrics[f"train/{term}"]
+        out[f"train/{term}"] = hardest
+        out["train/loss"] += hardest - metrics[f"train/{term}"]
+    return out
+
+
 def _plain_numbers(metrics: dict[str, Any]) -> dict[str, float]:
     return {k: float(v) for k, v in metrics.items()
             if isinstance(v, (int, float)) and not isinstance(v, bool)}
@@ -205,4 +232,4 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     worker.finish()
 
 
-__all__ = ["Worker", "WorkerPayload", "train_loop_per_worker"]
+__all__ = ["Worker", "WorkerPayload", "train_loop_per_worker", "warmup_apart"]

@@ -41,10 +41,11 @@ from pathlib import Path
 import numpy as np
 
 from aoq.atomic import atomic_write_text
+from aoq.data.pictures import scene_records_path
 from aoq.data.precomp import images_path, write_captions
 
 #: Bump when the generator's output changes, so old caches are not reused.
-GENERATOR_VERSION = 3
+GENERATOR_VERSION = 4
 
 OBJECTS = {
     "dog": ("dog", "puppy"), "cat": ("cat", "kitten"), "horse": ("horse", "pony"),
@@ -92,6 +93,13 @@ class SceneObject:
 class Scene:
     objects: tuple[SceneObject, ...]
     background: int
+
+
+def scene_record(scene: Scene) -> dict:
+    """A scene by name: its background and objects (``aoq.data.scene_pictures`` draws it)."""
+    return {"background": BACKGROUND_NAMES[scene.background],
+            "objects": [{"object": OBJECT_NAMES[o.obj], "colour": COLOURS[o.colour],
+                         "size": SIZES[o.size], "x": o.x, "y": o.y} for o in scene.objects]}
 
 
 # ----------------------------------------------------------------------- sampling scenes
@@ -315,8 +323,9 @@ def generate_scenes(cfg, directory: str | os.PathLike, *, progress: bool = False
         directory: created; must not already hold a finished dataset.
 
     Returns:
-        ``directory``. A ``scenes.json`` manifest is written last, so its presence marks
-        a complete dataset.
+        ``directory``. Each split also gets ``<split>_scenes.jsonl``, what every image
+        shows (:func:`scene_record`). A ``scenes.json`` manifest is written last, so its
+        presence marks a complete dataset.
     """
     from tqdm.auto import tqdm
 
@@ -358,6 +367,9 @@ def generate_scenes(cfg, directory: str | os.PathLike, *, progress: bool = False
         feats.flush()
         del feats
         write_captions(directory, split, captions, n)
+        # What each image shows, one JSON line per image, so it can be drawn.
+        atomic_write_text(scene_records_path(directory, split),
+                          "".join(json.dumps(scene_record(s)) + "\n" for s in scenes))
     bar.close()
     manifest = {
         "generator_version": GENERATOR_VERSION,

@@ -143,9 +143,9 @@ class AOQLoss(nn.Module):
         cost_image = _hinge(self.margin_online + scores - positive[None, :])
         cost_caption = cost_caption.masked_fill(not_negative, 0.0)
         cost_image = cost_image.masked_fill(not_negative, 0.0)
+        hardest_i, hardest_t = cost_caption.max(dim=1).values, cost_image.max(dim=0).values
         if self.max_violation:
-            online_i = cost_caption.max(dim=1).values
-            online_t = cost_image.max(dim=0).values
+            online_i, online_t = hardest_i, hardest_t
         else:
             online_i = cost_caption.sum(dim=1)
             online_t = cost_image.sum(dim=0)
@@ -166,8 +166,15 @@ class AOQLoss(nn.Module):
             w_t = self.beta - (offline.image_off_caption - hardest_image) / self.alpha
             online_i = online_i * w_i
             online_t = online_t * w_t
+            hardest_i, hardest_t = hardest_i * w_i, hardest_t * w_t
         out["online_image_anchor"] = online_i.sum()
         out["online_caption_anchor"] = online_t.sum()
+        if not self.max_violation:
+            # For logging only: the hardest-negative terms of the same batch, the quantity
+            # a max-violation epoch optimises, so a warm-up epoch's loss can be charted on
+            # the scale of the epochs after it.
+            out["hardest_online_image_anchor"] = hardest_i.detach().sum()
+            out["hardest_online_caption_anchor"] = hardest_t.detach().sum()
         if self.variant in ("offtri", "offquin", "aoq"):
             assert offline is not None
             m = self.margin_offline

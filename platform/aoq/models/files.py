@@ -18,6 +18,7 @@ import torch
 
 from aoq.atomic import atomic_write_bytes
 from aoq.config import ModelConfig, section_from_dict
+from aoq.data.errors import DataError
 from aoq.models.base import RetrievalModel
 from aoq.models.registry import build_model
 
@@ -94,3 +95,20 @@ def load_model(path: str | os.PathLike, map_location: str | torch.device = "cpu"
         raise CheckpointError(f"{path}: weights do not match the model ({exc})") from None
     model.eval()
     return model, {k: v for k, v in record.items() if k != "model"}
+
+
+def load_model_for(path: str | os.PathLike, *, vocab_size: int, img_dim: int,
+                   map_location: str | torch.device = "cpu"
+                   ) -> tuple[RetrievalModel, dict[str, Any]]:
+    """:func:`load_model`, refusing a model built for other data.
+
+    Raises:
+        DataError: naming the file, when its vocabulary or region size differs from the
+            data's (``vocab_size``, ``img_dim``).
+    """
+    model, record = load_model(path, map_location)
+    if int(record["vocab_size"]) != vocab_size or int(record["img_dim"]) != img_dim:
+        raise DataError(
+            f"checkpoint was trained with vocab {record['vocab_size']} / {record['img_dim']}-d "
+            f"regions, the data has vocab {vocab_size} / {img_dim}-d", path=path)
+    return model, record

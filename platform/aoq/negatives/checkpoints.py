@@ -11,7 +11,7 @@ import numpy as np
 from aoq.data.errors import DataError
 from aoq.data.prepare import SplitArrays
 from aoq.negatives.from_model import mine_from_model
-from aoq.models.files import load_model
+from aoq.models.files import load_model_for
 
 
 def mine_from_checkpoint(
@@ -31,11 +31,7 @@ def mine_from_checkpoint(
     Returns:
         (i2t, t2i, metadata for the table version).
     """
-    model, record = load_model(path)
-    if int(record["vocab_size"]) != vocab_size or int(record["img_dim"]) != split.images.shape[2]:
-        raise DataError(
-            f"checkpoint was trained with vocab {record['vocab_size']} / {record['img_dim']}-d "
-            f"regions, the data has vocab {vocab_size} / {split.images.shape[2]}-d", path=path)
+    model, record = load_model_for(path, vocab_size=vocab_size, img_dim=split.images.shape[2])
     if not model.has_global_embedding:
         raise DataError(
             f"a {record['model_config'].get('name')!r} model scores pairs by cross attention "

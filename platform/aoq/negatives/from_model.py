@@ -29,7 +29,7 @@ def mine_from_model(
         raise ValueError(f"{type(model).__name__} has no global embedding; mine with a vse, "
                          "vse_gpo or vsrn checkpoint instead "
                          "(negatives.source=checkpoint:<path>)")
-    images, captions = encode_split(model, split)
+    images, captions = encode_split(model, split, progress=progress)
     return mine_candidates(
         images, captions, k_captions, k_images, split.captions_per_image,
         block_rows=block_rows, progress=progress,
