@@ -31,7 +31,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     prepared = prepare_data(cfg.data, progress=True)
     split = open_split(prepared, cfg.data.train_split)
     i2t, t2i, meta = mine_from_checkpoint(args.checkpoint, split, cfg.negatives,
-                                          vocab_size=prepared.vocab_size, progress=True)
+                                          vocab_size=prepared.vocab_size,
+                                          vocab_fingerprint=prepared.vocab_fingerprint,
+                                          progress=True)
     root = Path(args.out).resolve()
     versions = list_versions(root)
     path = save_tables(root, (versions[-1] + 1) if versions else 1, i2t, t2i, **meta)

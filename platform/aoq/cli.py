@@ -1,15 +1,25 @@
-"""Shared command-line handling for ``jobs/*.py``: ``--config`` plus dotted overrides."""
+"""Shared command-line handling for ``jobs/*.py``: ``--config`` plus dotted overrides.
+
+Every refusal of bad input is one ``error:`` line on stderr and exit code 2, with no
+traceback: config and data errors, unusable checkpoints and storage, and malformed
+command-line arguments (argparse's own errors are reduced to that one line too).
+Ctrl-C before a job has anything to record ends with one line and exit code 130.
+"""
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import NoReturn
 
 import aoq.models  # noqa: F401 - registers the model names that config validation checks
 from aoq.config import Config, ConfigError, load_config, options_help
 from aoq.data.errors import DataError
 from aoq.models.files import CheckpointError
+from aoq.storage import StorageError, writable_dir_problem
 
 OVERRIDE_HELP = """\
 Configuration: defaults < --config FILE (YAML) < overrides.
@@ -18,11 +28,22 @@ An override is KEY=VALUE with a dotted key, e.g.
 Every option, with its default:
 """
 
+#: Errors that mean "the input is wrong", reported as one line with exit code 2.
+INPUT_ERRORS = (ConfigError, DataError, CheckpointError, StorageError)
+
+
+class _OneLineParser(argparse.ArgumentParser):
+    """argparse prints its usage before an error; the rule here is one ``error:`` line."""
+
+    def error(self, message: str) -> NoReturn:
+        print(f"error: {message} (see {self.prog} --help)", file=sys.stderr)
+        sys.exit(2)
+
 
 def config_parser(description: str) -> argparse.ArgumentParser:
     """An argparse parser with ``--config`` and positional overrides; ``--help`` lists
     every option with its default."""
-    parser = argparse.ArgumentParser(
+    parser = _OneLineParser(
         description=description,
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=OVERRIDE_HELP + options_help(),
@@ -31,6 +52,47 @@ def config_parser(description: str) -> argparse.ArgumentParser:
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                         help="dotted config overrides (see below)")
     return parser
+
+
+def bounded_int(low: int, high: int) -> Callable[[str], int]:
+    """An argparse ``type`` accepting integers in ``[low, high]``."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"{value} is not in {low}..{high}")
+        return value
+
+    return parse
+
+
+def bounded_float(low: float, high: float) -> Callable[[str], float]:
+    """An argparse ``type`` accepting finite numbers in ``[low, high]``."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if not low <= value <= high:  # also refuses nan
+            raise argparse.ArgumentTypeError(f"{value} is not in {low:g}..{high:g}")
+        return value
+
+    return parse
+
+
+def check_output_file(option: str, path: str | os.PathLike | None) -> None:
+    """Refuse now an output file that could not be written at the end of a long job."""
+    if path is None:
+        return
+    path = Path(path)
+    problem = (f"{path} is a directory" if path.is_dir()
+               else writable_dir_problem(path.parent.resolve()))
+    if problem:
+        raise ConfigError(f"{option} {path}: {problem}")
 
 
 def load_from_args(args: argparse.Namespace) -> Config:
@@ -42,7 +104,10 @@ def run_cli(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | N
     """Run ``main`` and turn input errors into a one-paragraph message and exit code 2."""
     try:
         code = main(argv)
-    except (ConfigError, DataError, CheckpointError) as exc:
+    except INPUT_ERRORS as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted (Ctrl-C)", file=sys.stderr)
+        sys.exit(130)
     sys.exit(code)

@@ -458,6 +458,7 @@ def _shared_tables(cfg: Config, prepared: PreparedData, directory: Path
     start = time.perf_counter()
     i2t, t2i, meta = mine_from_checkpoint(path, open_split(prepared, cfg.data.train_split),
                                           cfg.negatives, vocab_size=prepared.vocab_size,
+                                          vocab_fingerprint=prepared.vocab_fingerprint,
                                           progress=True)
     saved = save_tables(root, 1, i2t, t2i, **meta)
     print(f"[tune] mined the study's shared tables once in "

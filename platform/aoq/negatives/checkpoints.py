@@ -9,9 +9,9 @@ from typing import Any
 import numpy as np
 
 from aoq.data.errors import DataError
-from aoq.data.prepare import SplitArrays
+from aoq.data.prepare import DataSignature, SplitArrays
 from aoq.negatives.from_model import mine_from_model
-from aoq.models.files import load_model
+from aoq.models.files import check_fits_data, load_model
 
 
 def mine_from_checkpoint(
@@ -20,22 +20,28 @@ def mine_from_checkpoint(
     neg_cfg: Any,
     *,
     vocab_size: int,
+    vocab_fingerprint: str = "",
     progress: bool = False,
 ) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
     """Tables of ``split`` under the model stored at ``path`` (a ``best_model.pt``).
 
     Args:
         neg_cfg: the ``negatives`` config section (K's and block size).
-        vocab_size: the data's vocabulary size; the checkpoint must match it.
+        vocab_size, vocab_fingerprint: the data's vocabulary
+            (``PreparedData.vocab_size`` / ``.vocab_fingerprint``); the checkpoint must
+            have been trained with it (:func:`aoq.models.files.check_fits_data`).
 
     Returns:
         (i2t, t2i, metadata for the table version).
+
+    Raises:
+        CheckpointError: not a model file, or one for other data.
+        DataError: a cross-attention model, which cannot mine.
     """
     model, record = load_model(path)
-    if int(record["vocab_size"]) != vocab_size or int(record["img_dim"]) != split.images.shape[2]:
-        raise DataError(
-            f"checkpoint was trained with vocab {record['vocab_size']} / {record['img_dim']}-d "
-            f"regions, the data has vocab {vocab_size} / {split.images.shape[2]}-d", path=path)
+    _, n_regions, feature_dim = split.images.shape
+    check_fits_data(record, path, DataSignature(vocab_size, vocab_fingerprint, n_regions,
+                                                feature_dim))
     if not model.has_global_embedding:
         raise DataError(
             f"a {record['model_config'].get('name')!r} model scores pairs by cross attention "
