@@ -25,12 +25,14 @@ the database: MLflow's migration, run by two processes at once, fails half-way
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import re
 import socket
 import subprocess
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -134,29 +136,34 @@ def _client(uri: str):
     """An MlflowClient; a SQLite store is created (or migrated) once, under a lock."""
     from mlflow.tracking import MlflowClient
 
-    client = MlflowClient(tracking_uri=uri)
     if uri.startswith("sqlite:///") and uri not in _READY_STORES:
-        _open_store_locked(client, uri)
+        with _store_lock(uri):
+            # Constructing the client may already open (create, migrate) the store.
+            MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
         _READY_STORES.add(uri)
-    return client
+    return MlflowClient(tracking_uri=uri)
 
 
-def _open_store_locked(client: Any, uri: str) -> None:
-    """Make MLflow open the store (creating and migrating its schema if needed) while
-    holding ``<db>.lock``: whoever comes second finds the schema complete."""
+@contextlib.contextmanager
+def _store_lock(uri: str) -> Iterator[None]:
+    """Hold ``<db>.lock`` while MLflow opens a SQLite store: whoever comes second finds
+    the schema complete. In a read-only directory nobody can create the store, so
+    there is no race and no lock (opening it is what check_store reports on)."""
     lock_path = f"{uri[len('sqlite:///'):]}.lock"
     try:
         lock = FileLock(lock_path, timeout=STORE_LOCK_TIMEOUT_S)
-        with lock:
-            client.search_experiments(max_results=1)
+        lock.acquire()
     except Timeout:
         raise TrackingError(f"tracking.uri={uri!r}: another process has held {lock_path} "
                             f"for {STORE_LOCK_TIMEOUT_S:.0f}s while creating the store"
                             ) from None
-    except PermissionError:
-        # The directory is read-only, so nobody can create the store there: no race.
-        # Opening it is what check_store reports on.
-        pass
+    except OSError:
+        yield
+        return
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 def ensure_experiment(uri: str, name: str) -> str:
