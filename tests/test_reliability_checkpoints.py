@@ -112,15 +112,25 @@ def test_old_weights_files_without_a_fingerprint(data, tmp_path: Path, caplog,
            f"{prepared.vocab_size - 1}-word vocabulary" in err
 
 
-def test_training_writes_the_fingerprint_and_feature_shape(data, tmp_path: Path) -> None:
-    base, prepared, _ = data
-    cfg = load_config(None, [*base, "loss.variant=triplet"])
-    session = TrainingSession(cfg, prepared, RunStorage(str(tmp_path), "run",
+def test_a_run_resumed_with_other_data_or_model_is_refused(data, tmp_path: Path) -> None:
+    """Training writes the fingerprint and feature shape; a job that resumes the run
+    with another vocabulary or model is refused before any worker loads its weights."""
+    base, prepared, shuffled = data
+    run = [*base, "loss.variant=triplet", f"run.storage={tmp_path / 'runs'}", "run.name=r1",
+           f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}"]
+    cfg = load_config(None, run)
+    session = TrainingSession(cfg, prepared, RunStorage(cfg.run.storage, "r1",
                                                         cfg.data.cache_dir))
     session.build()
     session.run_epoch(0)  # keeps its best weights
-    record = load_file(tmp_path / "run" / BEST_MODEL_FILE)
+    best = tmp_path / "runs" / "r1" / BEST_MODEL_FILE
+    record = load_file(best)
     assert record["vocab_fingerprint"] == prepared.vocab_fingerprint
     assert (record["n_regions"], record["img_dim"]) == (4, 8)
-    model, _ = load_model(tmp_path / "run" / BEST_MODEL_FILE)
-    assert model.has_global_embedding
+    assert load_model(best)[0].has_global_embedding
+    with pytest.raises(CheckpointError, match=rf"{best}: trained with vocabulary fingerprint"):
+        run_training(load_config(None, [*run, f"data.vocab={shuffled}"]))
+    with pytest.raises(CheckpointError, match=r"run.name='r1' exists with another model "
+                                              r"\(model.embed_dim=16 there, 32 here\)"):
+        run_training(load_config(None, [*run, "model.embed_dim=32"]))
+    assert not (tmp_path / "mlflow.db").exists()

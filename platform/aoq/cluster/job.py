@@ -8,6 +8,7 @@ trainer so a crash is still recorded (as FAILED).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -35,6 +36,7 @@ from aoq.cluster.train_loop import WorkerPayload, train_loop_per_worker
 from aoq.config import Config, ConfigError, dump_yaml, parse_negative_source
 from aoq.config.paths import check_paths
 from aoq.data.prepare import PreparedData, open_split, prepare_data
+from aoq.models.files import CheckpointError, check_fits_data, load_file
 from aoq.negatives.checkpoints import mine_from_checkpoint
 from aoq.negatives.schedule import mines_during_training, uses_offline
 from aoq.negatives.tables import load_tables, save_tables, version_dir
@@ -69,6 +71,30 @@ def check_model_against_data(cfg: Config, prepared: PreparedData) -> None:
     if cfg.model.img_dim and cfg.model.img_dim != prepared.feature_dim:
         raise ConfigError(f"model.img_dim={cfg.model.img_dim}: the data's region features "
                           f"have {prepared.feature_dim} dimensions (0 infers it)")
+
+
+def check_resumed_run(cfg: Config, run_name: str, storage: RunStorage,
+                      prepared: PreparedData) -> None:
+    """A resumed run continues the weights it has: refuse, before any worker loads them,
+    a job whose model or data they were not trained for (its best weights record both).
+
+    Raises:
+        CheckpointError: naming the weights file, what they were trained for and what
+            this job has.
+    """
+    best = storage.work_dir / BEST_MODEL_FILE
+    if not cfg.run.resume or not storage.pull(best):
+        return
+    record = load_file(best)
+    if not isinstance(record, dict) or not isinstance(record.get("model_config"), dict):
+        raise CheckpointError(f"{best}: not a model file")
+    stored, current = record["model_config"], dataclasses.asdict(cfg.model)
+    changed = [f"model.{k}={stored[k]!r} there, {v!r} here" for k, v in current.items()
+               if k in stored and stored[k] != v]
+    if changed:
+        raise CheckpointError(f"{best}: run.name={run_name!r} exists with another model "
+                              f"({'; '.join(changed)}); choose another run.name")
+    check_fits_data(record, best, prepared.signature)
 
 
 def check_config_against_data(cfg: Config, prepared: PreparedData) -> None:
@@ -294,6 +320,7 @@ def run_training(cfg: Config, *, tags: dict[str, str] | None = None,
     if storage.exists() and not cfg.run.resume:
         raise ConfigError(f"run.name={run_name!r}: {storage.location} already exists; choose "
                           "another name or set run.resume=true to continue it")
+    check_resumed_run(cfg, run_name, storage, prepared)
     output_dir = storage.work_dir
     output_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(output_dir / CONFIG_FILE, dump_yaml(cfg))

@@ -23,6 +23,8 @@ SPECIALS = (PAD, START, END, UNK)  # ids 0..3, fixed by the SCAN layout
 #: COCO's SCAN vocabulary file is about 0.5 MB; a file far larger is not a vocabulary,
 #: and reading it whole must not be able to exhaust memory.
 MAX_VOCAB_FILE_BYTES = 64 << 20
+#: COCO has 11,353 words, Flickr30K 8,481; a million is far beyond any caption set.
+MAX_VOCAB_WORDS = 1_000_000
 
 
 @lru_cache(maxsize=1)
@@ -117,6 +119,9 @@ class Vocabulary:
         if not isinstance(word2idx, dict) or not word2idx:
             raise DataError("word2idx must be a non-empty mapping", path=path)
         size = len(word2idx)
+        if size > MAX_VOCAB_WORDS:
+            raise DataError(f"{size} words; a vocabulary has at most {MAX_VOCAB_WORDS} (its "
+                            "embedding table is vocabulary x word_dim)", path=path)
         words: list[str | None] = [None] * size
         for word, idx in word2idx.items():
             if isinstance(idx, bool) or not isinstance(idx, int) or not 0 <= idx < size or \
