@@ -17,18 +17,18 @@ import json
 import logging
 from collections.abc import Sequence
 
-from aoq.cli import bounded_int, check_output_file, config_parser, load_from_args, run_cli
+from aoq.cli import bounded, check_output_file, config_parser, load_from_args, run_cli
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = config_parser(__doc__.strip().splitlines()[0])
     parser.add_argument("--checkpoint", action="append", required=True,
                         help="a best_model.pt; repeat for an ensemble")
-    parser.add_argument("--pool-actors", type=bounded_int(0, 1024), default=0,
+    parser.add_argument("--pool-actors", type=bounded(int, 0, 1024), default=0,
                         help="score shards on N Ray actors (0 = in this process)")
-    parser.add_argument("--pool-threads", type=bounded_int(1, 1024), default=1,
+    parser.add_argument("--pool-threads", type=bounded(int, 1, 1024), default=1,
                         help="torch threads per actor")
-    parser.add_argument("--shard-images", type=bounded_int(1, 1 << 20), default=1024,
+    parser.add_argument("--shard-images", type=bounded(int, 1, 1 << 20), default=1024,
                         help="images per shard")
     parser.add_argument("--scores-out", help="keep the score matrix in this .npy (memory-mapped)")
     parser.add_argument("--json", help="also write the metrics to this JSON file")

@@ -13,7 +13,7 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 import aoq.models  # noqa: F401 - registers the model names that config validation checks
 from aoq.config import Config, ConfigError, load_config, options_help
@@ -54,31 +54,17 @@ def config_parser(description: str) -> argparse.ArgumentParser:
     return parser
 
 
-def bounded_int(low: int, high: int) -> Callable[[str], int]:
-    """An argparse ``type`` accepting integers in ``[low, high]``."""
+def bounded(kind: type[int] | type[float], low: float, high: float) -> Callable[[str], Any]:
+    """An argparse ``type`` accepting ``kind`` (int or float) values in ``[low, high]``."""
+    what = "an integer" if kind is int else "a number"
 
-    def parse(text: str) -> int:
+    def parse(text: str) -> Any:
         try:
-            value = int(text)
+            value = kind(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-        if not low <= value <= high:
-            raise argparse.ArgumentTypeError(f"{value} is not in {low}..{high}")
-        return value
-
-    return parse
-
-
-def bounded_float(low: float, high: float) -> Callable[[str], float]:
-    """An argparse ``type`` accepting finite numbers in ``[low, high]``."""
-
-    def parse(text: str) -> float:
-        try:
-            value = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+            raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from None
         if not low <= value <= high:  # also refuses nan
-            raise argparse.ArgumentTypeError(f"{value} is not in {low:g}..{high:g}")
+            raise argparse.ArgumentTypeError(f"{value} is not in {low}..{high}")
         return value
 
     return parse
