@@ -152,3 +152,23 @@ def test_a_study_file_that_is_not_one_is_refused(tmp_path: Path) -> None:
     study.write_text(json.dumps({"name": "x"}))
     with pytest.raises(ConfigError, match="missing .*'samples'"):
         load_spec(tmp_path)
+
+
+def test_features_wider_than_a_batch_can_hold_are_refused(tmp_path: Path) -> None:
+    import numpy as np
+
+    data = write_dataset(tmp_path / "data")
+    np.save(data / "dev_ims.npy", np.zeros((10, 2000, 8), np.float16))
+    with pytest.raises(DataError, match=r"dev_ims.npy: 2000 regions x 8 dimensions per image; "
+                                        r"at most 1024 x 16384"):
+        read_precomp(data, "dev")
+
+
+def test_local_path_options_refuse_uris(tmp_path: Path) -> None:
+    from aoq.config.paths import check_paths
+
+    cfg = load_config(None, ["data.cache_dir=s3://bucket/cache", "run.storage=s3://b/runs"])
+    with pytest.raises(ConfigError) as info:
+        check_paths(cfg)
+    assert "data.cache_dir='s3://bucket/cache': must be a local path, not a URI" in str(info.value)
+    assert "run.storage" not in str(info.value)  # a URI is what run.storage may be

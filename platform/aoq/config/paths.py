@@ -37,9 +37,11 @@ def path_problems(cfg: Config, sections: Sequence[str]) -> list[str]:
     for key, value, _help, meta in iter_options(cfg):
         kind = meta.get("path")
         if key.split(".")[0] not in sections or not isinstance(kind, str) or not value \
-                or is_uri(value):
+                or (kind == "storage" and is_uri(value)):
             continue
-        if kind == "file":
+        if is_uri(value):
+            problem = f"{key}={value!r}: must be a local path, not a URI"
+        elif kind == "file":
             problem = _file_problem(f"{key}={value!r}", Path(value))
         else:
             problem = writable_dir_problem(value)

@@ -32,8 +32,9 @@ def opt(
     paths absolute, because a submitted Ray job runs in a temporary copy of its
     working directory and relative paths would silently land there. A string names
     what the path must be before a job starts (``aoq.config.paths``): ``"file"`` (a
-    readable file, if set) or ``"writable_dir"`` (a directory the job can write, or
-    can create).
+    local readable file, if set), ``"writable_dir"`` (a local directory the job can
+    write, or can create) or ``"storage"`` (a writable directory, or a URI that
+    ``aoq.storage`` checks itself).
     ``identifier`` marks a name that becomes a directory and a tracking-store key
     (run names, split names): it must follow :data:`aoq.config.names.NAME_RULE`;
     ``"optional"`` also allows the empty string (a default is chosen at run time).
@@ -257,7 +258,7 @@ class RunConfig:
         "where checkpoints, tables and outputs go: a path (local, or shared such as NFS on "
         "a multi-node cluster) or a pyarrow URI (s3://bucket/prefix, gs://bucket/prefix, "
         "file:///dir); with a URI each node works in <data.cache_dir>/runs/ and syncs",
-        path="writable_dir",
+        path="storage",
     )
     num_workers: int = opt(2, "Ray Train workers (DDP ranks)", min=1, max=4096)
     device: str = opt(

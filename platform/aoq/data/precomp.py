@@ -39,6 +39,11 @@ __all__ = [
     "write_precomp",
 ]
 
+#: Largest region count and feature size accepted: a batch holds batch x regions x dim
+#: floats, so these bound a worker's memory (bottom-up features: 36 x 2048).
+MAX_REGIONS = 1024
+MAX_FEATURE_DIM = 16384
+
 #: The feature dtypes accepted on disk (native byte order).
 FEATURE_DTYPES: tuple[np.dtype[Any], ...] = (np.dtype(np.float32), np.dtype(np.float16))
 
@@ -393,6 +398,10 @@ def _check_feature_layout(path: Path, shape: tuple[int, ...], dtype: np.dtype[An
         raise DataError(f"no images: features have shape {shape}", path=path)
     if shape[1] == 0 or shape[2] == 0:
         raise DataError(f"empty regions or feature dimension: shape {shape}", path=path)
+    if shape[1] > MAX_REGIONS or shape[2] > MAX_FEATURE_DIM:
+        raise DataError(f"{shape[1]} regions x {shape[2]} dimensions per image; at most "
+                        f"{MAX_REGIONS} x {MAX_FEATURE_DIM} (a batch holds batch x regions x "
+                        "dimensions floats)", path=path)
 
 
 def _check_finite(images: np.ndarray, path: Path, *, progress: bool) -> None:
