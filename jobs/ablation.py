@@ -14,16 +14,19 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from aoq.cli import config_parser, run_cli
+from aoq.cli import bounded, check_output_file, config_parser, run_cli
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = config_parser(__doc__.strip().splitlines()[0])
-    parser.add_argument("--variants", nargs="+", default=["triplet", "offtri", "offquin", "aoq"])
-    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    variants = ["triplet", "offtri", "offquin", "aoq"]
+    parser.add_argument("--variants", nargs="+", choices=variants, default=variants)
+    parser.add_argument("--seeds", nargs="+", type=bounded(int, 0, 2**32 - 1),
+                        default=[0, 1, 2])
     parser.add_argument("--group", default=f"ablation-{time.strftime('%Y%m%d-%H%M%S')}")
     parser.add_argument("--report", default="docs/results.md")
     args = parser.parse_args(argv)
+    check_output_file("--report", args.report)
 
     from aoq.cluster.ablation import run_ablation
     from aoq.config import load_config

@@ -23,15 +23,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     cfg = load_from_args(args)
 
+    from aoq.config import ConfigError
+    from aoq.config.paths import check_paths
     from aoq.data.prepare import open_split, prepare_data
     from aoq.negatives.checkpoints import mine_from_checkpoint
     from aoq.negatives.tables import list_versions, save_tables
+    from aoq.storage import writable_dir_problem
 
+    check_paths(cfg, sections=("data",))
+    problem = writable_dir_problem(Path(args.out).resolve())
+    if problem:
+        raise ConfigError(f"--out {args.out}: {problem}")
     start = time.perf_counter()
     prepared = prepare_data(cfg.data, progress=True)
     split = open_split(prepared, cfg.data.train_split)
     i2t, t2i, meta = mine_from_checkpoint(args.checkpoint, split, cfg.negatives,
-                                          vocab_size=prepared.vocab_size, progress=True)
+                                          vocab_size=prepared.vocab_size,
+                                          vocab_fingerprint=prepared.vocab_fingerprint,
+                                          progress=True)
     root = Path(args.out).resolve()
     versions = list_versions(root)
     path = save_tables(root, (versions[-1] + 1) if versions else 1, i2t, t2i, **meta)

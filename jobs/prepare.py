@@ -16,8 +16,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = config_parser(__doc__.strip().splitlines()[0]).parse_args(argv)
     cfg = load_from_args(args)
 
+    from aoq.config.paths import check_paths
     from aoq.data.prepare import prepare_data
 
+    check_paths(cfg, sections=("data",))
     prepared = prepare_data(cfg.data, progress=True)
     print(f"data: {prepared.directory}")
     print(f"vocabulary: {prepared.vocab_size} words ({prepared.vocab_path})")

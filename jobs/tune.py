@@ -13,20 +13,22 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 
-from aoq.cli import config_parser, run_cli
+from aoq.cli import bounded, config_parser, run_cli
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = config_parser(__doc__.strip().splitlines()[0])
     parser.add_argument("--space", help="search-space YAML (tune_spaces/*.yaml)")
-    parser.add_argument("--samples", type=int, default=4, help="trials to sample")
+    parser.add_argument("--samples", type=bounded(int, 1, 100_000), default=4,
+                        help="trials to sample")
     parser.add_argument("--scheduler", choices=["asha", "fifo"], default="asha")
-    parser.add_argument("--max-concurrent", type=int, default=0,
+    parser.add_argument("--max-concurrent", type=bounded(int, 0, 10_000), default=0,
                         help="trials at once (0 = as many as the cluster fits)")
-    parser.add_argument("--trial-cpus", type=float, default=0.0,
+    parser.add_argument("--trial-cpus", type=bounded(float, 0.0, 1024.0), default=0.0,
                         help="CPUs for each trial's driver function (its workers are "
                              "reserved by its trainer)")
-    parser.add_argument("--seed", type=int, default=0, help="sampler seed")
+    parser.add_argument("--seed", type=bounded(int, 0, 2**32 - 1), default=0,
+                        help="sampler seed")
     parser.add_argument("--name", default=f"study-{time.strftime('%Y%m%d-%H%M%S')}")
     parser.add_argument("--resume", metavar="STUDY",
                         help="continue this interrupted study (its saved settings win)")

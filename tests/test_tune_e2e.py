@@ -81,6 +81,27 @@ def test_outputs_best_config_summary_and_plot(study) -> None:
             "margins.yaml"} <= artifacts
 
 
+def test_a_trial_judged_at_its_last_epoch_keeps_its_test_result_and_outputs(study) -> None:
+    """With 2 epochs, ASHA's first rung is the last epoch. Before: a trial it stopped
+    there had no test/rsum in summary.csv, no best model in MLflow and no stopped-early
+    tag. Now its verdict waits for the final report: the trial is judged (and the
+    verdict recorded) but loses nothing, and no trial is cut short."""
+    import pandas as pd
+
+    tmp, spec, outcome = study
+    summary = pd.read_csv(Path(outcome.study_dir) / "summary.csv")
+    judged = summary[summary["judged_weak_at_epoch"] == EPOCHS - 1]
+    assert len(judged) >= 1, summary.to_string()  # the case exists in this study
+    assert summary["test/rsum"].notna().all(), summary.to_string()
+    assert not summary["stopped_early"].any() and (summary["epochs_done"] == EPOCHS).all()
+    client = store_client(tmp)
+    for run in children(client, client.get_run(outcome.parent_run_id)):
+        logged = {a.path for a in client.list_artifacts(run.info.run_id)}
+        assert {"best_model.pt", "test_metrics.json"} <= logged, logged
+        assert "aoq.tune.stopped_early" not in run.data.tags
+        assert client.get_metric_history(run.info.run_id, "test/rsum")
+
+
 def test_a_study_that_cannot_fit_the_cluster_is_refused_before_any_trial(
         tmp_path: Path, scenes_cache: Path, local_ray) -> None:
     from aoq.config import ConfigError

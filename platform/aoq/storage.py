@@ -27,6 +27,7 @@ from __future__ import annotations
 import hashlib
 import os
 import posixpath
+import re
 import secrets
 from pathlib import Path
 
@@ -44,14 +45,47 @@ class StorageError(OSError):
     """run.storage cannot be resolved or reached; the message names the URI."""
 
 
+#: ``scheme://...`` or ``scheme:/abs/path`` (RFC 3986 scheme, two characters or more so
+#: that a Windows drive letter is not one). ``file:/abs/dir`` is a URI, not a relative
+#: directory named ``file:``.
+_URI = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]+:(//|/)")
+
+
 def is_uri(value: str) -> bool:
-    return "://" in value
+    """Whether ``value`` is a URI (``s3://b/p``, ``file:///d``, ``file:/d``), not a path."""
+    return bool(_URI.match(value))
+
+
+def run_location(storage: str, run_name: str) -> str:
+    """Where run ``run_name`` keeps its outputs under ``storage``: a path or a URI.
+
+    Two runs are the same run exactly when their locations are equal (the tracking
+    store keys runs by it)."""
+    return _join_uri(storage, run_name) if is_uri(storage) else str(Path(storage) / run_name)
 
 
 def _join_uri(uri: str, name: str) -> str:
     """``s3://b/p?x=1`` + ``run`` -> ``s3://b/p/run?x=1`` (query options stay at the end)."""
     base, sep, query = uri.partition("?")
     return f"{base.rstrip('/')}/{name}{sep}{query}"
+
+
+def writable_dir_problem(directory: str | os.PathLike) -> str | None:
+    """Why ``directory`` cannot be written (None if it can): it is created if missing
+    and a probe file is written and removed, so a file in its place, a read-only mount
+    or missing permissions (which ``os.access`` does not see for root) all show now."""
+    directory = Path(directory)
+    existing = next((p for p in (directory, *directory.parents) if p.exists()), None)
+    if existing is not None and not existing.is_dir():
+        return f"{existing} is not a directory"
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        probe = directory / f".aoq-write-check-{os.getpid()}-{secrets.token_hex(4)}"
+        probe.write_bytes(b"ok")
+        probe.unlink()
+    except OSError as exc:
+        return f"{directory} is not writable ({exc.strerror or exc})"
+    return None
 
 
 def _complete_last(names: list[str]) -> list[str]:
@@ -76,7 +110,7 @@ class RunStorage:
         if not self.remote:
             self.fs: pafs.FileSystem | None = None
             self.work_dir = Path(storage) / run_name
-            self.location = str(self.work_dir)
+            self.location = run_location(storage, run_name)
             return
         try:
             self.fs, base = pafs.FileSystem.from_uri(storage)
@@ -86,7 +120,7 @@ class RunStorage:
         self.remote_root = posixpath.join(base, run_name)
         digest = hashlib.sha256(storage.encode()).hexdigest()[:12]
         self.work_dir = Path(cache_dir) / "runs" / digest / run_name
-        self.location = _join_uri(storage, run_name)
+        self.location = run_location(storage, run_name)
 
     # ------------------------------------------------------------------ paths
 
@@ -150,11 +184,11 @@ class RunStorage:
                 raise StorageError(f"{self.location}: cannot write to run.storage ({exc})"
                                    ) from None
         else:
-            parent = self.work_dir.parent
-            while not parent.exists():
-                parent = parent.parent
-            if not os.access(parent, os.W_OK):
-                raise StorageError(f"run.storage={self.storage!r}: {parent} is not writable")
+            problem = writable_dir_problem(self.work_dir.parent) or (
+                f"{self.work_dir} exists and is not a directory"
+                if self.work_dir.exists() and not self.work_dir.is_dir() else None)
+            if problem:
+                raise StorageError(f"run.storage={self.storage!r}: {problem}")
 
     # ------------------------------------------------------------------ copies
 

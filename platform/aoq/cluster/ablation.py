@@ -26,6 +26,7 @@ from aoq.cluster.tracking import (
     resolve_tracking_uri,
 )
 from aoq.config import Config, load_config
+from aoq.storage import run_location
 from aoq.training.run_files import TEST_METRICS_FILE
 
 METRIC_KEYS = ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "rsum")
@@ -59,7 +60,8 @@ def finished_outcome(cfg: Config) -> TrainingOutcome | None:
     if not metrics_file.exists():
         return None
     uri = resolve_tracking_uri(cfg.tracking)
-    run = find_run(uri, ensure_experiment(uri, cfg.tracking.experiment), cfg.run.name)
+    run = find_run(uri, ensure_experiment(uri, cfg.tracking.experiment), cfg.run.name,
+                   run_location(cfg.run.storage, cfg.run.name))
     if run is None or run.info.status != "FINISHED":
         return None
     # MLflow's start-to-end time: the run's training time unless it was interrupted.

@@ -19,7 +19,8 @@ from aoq.cluster.job import connect_ray
 from aoq.cluster.mining_pool import MiningPool, PoolSpec
 from aoq.data.prepare import PreparedData, open_split
 from aoq.evaluation.scoring import allocate_scores, n_scored_images, score_split
-from aoq.models.files import load_model
+from aoq.models.base import RetrievalModel
+from aoq.models.files import check_fits_data, load_model
 
 log = logging.getLogger("aoq.evaluate")
 
@@ -40,6 +41,17 @@ def _pool_scores(model, record: dict, prepared: PreparedData, split: str, n_imag
         pool.shutdown()
 
 
+def _load_fitting(checkpoints: Sequence[str | os.PathLike], prepared: PreparedData
+                  ) -> list[tuple[RetrievalModel, dict]]:
+    """Every model, each checked against the data, before any scoring starts."""
+    loaded = []
+    for path in checkpoints:
+        model, record = load_model(path)
+        check_fits_data(record, path, prepared.signature)
+        loaded.append((model, record))
+    return loaded
+
+
 def ensemble_scores(checkpoints: Sequence[str | os.PathLike], prepared: PreparedData,
                     split: str, *, pool_actors: int = 0, pool_threads: int = 1,
                     shard_images: int = 1024, out_path: str | os.PathLike | None = None,
@@ -49,16 +61,17 @@ def ensemble_scores(checkpoints: Sequence[str | os.PathLike], prepared: Prepared
     Args:
         pool_actors: score shards on this many Ray actors (0 = in this process).
         out_path: keep the running sum memory-mapped in this ``.npy`` file.
+
+    Raises:
+        CheckpointError: a checkpoint is not a model file or was trained for other data
+            (checked for every checkpoint before any is scored).
     """
+    models = _load_fitting(checkpoints, prepared)
     arrays = open_split(prepared, split)
     n_images = n_scored_images(arrays, 0)
     total = allocate_scores((n_images, arrays.captions_per_image * n_images), out_path)
     total[:] = 0.0
-    for index, path in enumerate(checkpoints, start=1):
-        model, record = load_model(path)
-        if record["vocab_size"] != prepared.vocab_size:
-            raise ValueError(f"{path}: trained with a {record['vocab_size']}-word vocabulary; "
-                             f"this data's has {prepared.vocab_size}")
+    for index, (path, (model, record)) in enumerate(zip(checkpoints, models), start=1):
         name = record["model_config"].get("name", "?")
         log.info(f"model {index}/{len(checkpoints)}: {name} from {path}")
         if pool_actors > 0:

@@ -8,39 +8,42 @@ trainer so a crash is still recorded (as FAILED).
 
 from __future__ import annotations
 
-import contextlib
+import dataclasses
 import json
 import os
-import signal
 import sys
-import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import ray
 from ray.train import (
-    CheckpointConfig, FailureConfig, RunConfig, ScalingConfig, TrainingFailedError,
+    CheckpointConfig, ControllerError, FailureConfig, RunConfig, ScalingConfig,
+    TrainingFailedError,
 )
 from ray.train.torch import TorchTrainer
+from ray.train.v2._internal.exceptions import WorkerGroupStartupTimeoutError
 
 from aoq.atomic import atomic_write_text
 from aoq.cluster.console import after_ray_init, before_ray_init
+from aoq.cluster.interrupts import signal_label, stop_signals, stopped_by
 from aoq.cluster.tracking import (
-    RunHandle, check_store, end_run, git_commit, log_artifact, resolve_tracking_uri, set_tags,
-    start_run, ui_link,
+    RunHandle, check_store, end_run, git_commit, local_store_path, log_artifact,
+    resolve_tracking_uri, set_tags, start_run, ui_link,
 )
 from aoq.cluster.train_loop import WorkerPayload, train_loop_per_worker
 from aoq.config import Config, ConfigError, dump_yaml, parse_negative_source
+from aoq.config.paths import check_paths
 from aoq.data.prepare import PreparedData, open_split, prepare_data
 from aoq.inspection.gallery import GALLERY_FILE, gallery_for_checkpoint, write_gallery
 from aoq.inspection.hard_negatives import last_used_version
+from aoq.models.files import CheckpointError, check_fits_data, load_file
 from aoq.negatives.checkpoints import mine_from_checkpoint
 from aoq.negatives.schedule import mines_during_training, uses_offline
 from aoq.negatives.tables import load_tables, save_tables, version_dir
-from aoq.storage import RunStorage
+from aoq.storage import RunStorage, is_uri
 from aoq.training.run_files import (
     BEST_MODEL_FILE, CONFIG_FILE, RECALL_PLOT_FILE, TEST_METRICS_FILE, tables_root,
     used_versions_file,
@@ -58,45 +61,44 @@ class TrainingOutcome:
     seconds: float
 
 
-class Terminated(SystemExit):
-    """The driver got SIGTERM (``ray job stop``, a scheduler, ``kill``): the run is
-    marked KILLED and the process exits with 128 + 15, without a traceback."""
-
-    def __init__(self) -> None:
-        super().__init__(128 + signal.SIGTERM)
-
-
 class TrainingFailed(RuntimeError):
     """Training failed on every attempt the failure budget allowed."""
 
 
-@contextlib.contextmanager
-def sigterm_raises() -> Iterator[threading.Event]:
-    """Turn SIGTERM into :class:`Terminated` while the body runs (main thread only:
-    Python delivers signals there; a Tune trial's thread keeps Ray's handling).
-
-    Yields an event that is set once SIGTERM arrived: ``ray.get`` replaces an exception
-    raised by a signal handler with its own ``SystemExit(1)``, so the type of what
-    propagates cannot tell a SIGTERM from a failure.
-    """
-    received = threading.Event()
-    if threading.current_thread() is not threading.main_thread():
-        yield received
-        return
-
-    def handler(signum, frame):  # noqa: ARG001 - signal handler signature
-        received.set()
-        raise Terminated()
-
-    previous = signal.signal(signal.SIGTERM, handler)
-    try:
-        yield received
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
 def default_run_name(cfg: Config) -> str:
     return f"aoq-{cfg.model.name}-{cfg.loss.variant}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def check_model_against_data(cfg: Config, prepared: PreparedData) -> None:
+    """The model options that must agree with the data, checked before any worker
+    builds the model (where a mismatch would first show as a worker's traceback)."""
+    if cfg.model.img_dim and cfg.model.img_dim != prepared.feature_dim:
+        raise ConfigError(f"model.img_dim={cfg.model.img_dim}: the data's region features "
+                          f"have {prepared.feature_dim} dimensions (0 infers it)")
+
+
+def check_resumed_run(cfg: Config, run_name: str, storage: RunStorage,
+                      prepared: PreparedData) -> None:
+    """A resumed run continues the weights it has: refuse, before any worker loads them,
+    a job whose model or data they were not trained for (its best weights record both).
+
+    Raises:
+        CheckpointError: naming the weights file, what they were trained for and what
+            this job has.
+    """
+    best = storage.work_dir / BEST_MODEL_FILE
+    if not cfg.run.resume or not storage.pull(best):
+        return
+    record = load_file(best)
+    if not isinstance(record, dict) or not isinstance(record.get("model_config"), dict):
+        raise CheckpointError(f"{best}: not a model file")
+    stored, current = record["model_config"], dataclasses.asdict(cfg.model)
+    changed = [f"model.{k}={stored[k]!r} there, {v!r} here" for k, v in current.items()
+               if k in stored and stored[k] != v]
+    if changed:
+        raise CheckpointError(f"{best}: run.name={run_name!r} exists with another model "
+                              f"({'; '.join(changed)}); choose another run.name")
+    check_fits_data(record, best, prepared.signature)
 
 
 def check_config_against_data(cfg: Config, prepared: PreparedData) -> None:
@@ -138,10 +140,9 @@ def check_outputs_outlive_job(cfg: Config, cwd: Path | None = None) -> None:
     if not os.environ.get(SUBMITTED_JOB_ENV):
         return
     cwd = (cwd or Path.cwd()).resolve()
-    places = {"run.storage": "" if "://" in cfg.run.storage else cfg.run.storage}
-    uri = resolve_tracking_uri(cfg.tracking)
-    places["tracking.uri"] = uri[len("sqlite:///"):] if uri.startswith("sqlite:///") else (
-        "" if "://" in uri else uri)
+    places = {"run.storage": "" if is_uri(cfg.run.storage) else cfg.run.storage}
+    store = local_store_path(resolve_tracking_uri(cfg.tracking))
+    places["tracking.uri"] = str(store) if store else ""
     inside = [f"{key}={value}" for key, value in places.items()
               if value and Path(value).resolve().is_relative_to(cwd)]
     if inside:
@@ -178,6 +179,7 @@ def initial_tables(cfg: Config, prepared: PreparedData, storage: RunStorage) -> 
         return str(version_dir(root, 1))
     i2t, t2i, meta = mine_from_checkpoint(path, open_split(prepared, cfg.data.train_split),
                                           cfg.negatives, vocab_size=prepared.vocab_size,
+                                          vocab_fingerprint=prepared.vocab_fingerprint,
                                           progress=True)
     saved = save_tables(root, 1, i2t, t2i, **meta)
     storage.push(saved)
@@ -199,9 +201,11 @@ def connect_ray() -> bool:
     return started
 
 
-def check_resources(cfg: Config) -> None:
-    """Refuse a worker group the cluster can never place, instead of waiting forever."""
-    total = ray.cluster_resources()
+def check_resources(cfg: Config, total: dict[str, float] | None = None) -> None:
+    """Refuse a worker group the cluster can never place, instead of waiting forever.
+
+    ``total``: the cluster's resources (default: asked from Ray)."""
+    total = ray.cluster_resources() if total is None else total
     need_cpu = cfg.run.num_workers * cfg.run.cpus_per_worker
     if total.get("CPU", 0) + 1e-9 < need_cpu:
         raise ConfigError(
@@ -215,7 +219,7 @@ def check_resources(cfg: Config) -> None:
     if neg.pool_actors and mines_during_training(neg, cfg.loss):
         # The pool is placed after the trainers; an unplaceable actor would leave the
         # first mining (which training waits for) pending forever.
-        train_gpus = cfg.run.num_workers if use_gpu(cfg) else 0
+        train_gpus = cfg.run.num_workers if use_gpu(cfg, total) else 0
         for kind, per_actor, used in (("CPU", neg.pool_cpus, need_cpu),
                                       ("GPU", neg.pool_gpus, train_gpus)):
             need = neg.pool_actors * per_actor
@@ -227,12 +231,24 @@ def check_resources(cfg: Config) -> None:
                     f"{total.get(kind, 0):g}")
 
 
-def use_gpu(cfg: Config) -> bool:
+def use_gpu(cfg: Config, total: dict[str, float] | None = None) -> bool:
     if cfg.run.device == "cpu":
         return False
     if cfg.run.device == "cuda":
         return True
-    return ray.cluster_resources().get("GPU", 0) >= cfg.run.num_workers
+    total = ray.cluster_resources() if total is None else total
+    return total.get("GPU", 0) >= cfg.run.num_workers
+
+
+#: Read by Ray Train's controller (propagated from the driver's environment).
+WORKER_GROUP_START_TIMEOUT_ENV = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
+
+
+def bound_worker_group_start(cfg: Config) -> None:
+    """How long Ray Train waits for a worker group to be placed before it tries again
+    (``run.start_timeout_s``); the number of tries is ``FailureConfig``'s
+    ``controller_failure_limit`` (``run.start_retries``)."""
+    os.environ[WORKER_GROUP_START_TIMEOUT_ENV] = f"{cfg.run.start_timeout_s:g}"
 
 
 def build_trainer(cfg: Config, payload: WorkerPayload, run_name: str,
@@ -241,6 +257,7 @@ def build_trainer(cfg: Config, payload: WorkerPayload, run_name: str,
     ``callbacks`` are Ray Train callbacks (a Tune trial passes TuneReportCallback)."""
     gpu = use_gpu(cfg)
     resources = {"CPU": cfg.run.cpus_per_worker, **({"GPU": 1} if gpu else {})}
+    bound_worker_group_start(cfg)
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"payload": payload},
@@ -250,7 +267,10 @@ def build_trainer(cfg: Config, payload: WorkerPayload, run_name: str,
             name=run_name,
             storage_path=cfg.run.storage,
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.run.checkpoints_to_keep),
-            failure_config=FailureConfig(max_failures=cfg.run.max_failures),
+            # A worker group that cannot be placed is a controller failure, retried
+            # without limit by default: bounded by run.start_retries.
+            failure_config=FailureConfig(max_failures=cfg.run.max_failures,
+                                         controller_failure_limit=cfg.run.start_retries),
             callbacks=list(callbacks),
         ),
     )
@@ -259,12 +279,12 @@ def build_trainer(cfg: Config, payload: WorkerPayload, run_name: str,
 def _run_tags(cfg: Config, prepared: PreparedData) -> dict[str, str]:
     dataset = "scenes" if cfg.data.dataset == "scenes" else Path(prepared.directory).name
     return {
+        **cfg.tracking.tags,  # first: aoq's own tags below win (validation refuses them)
         "dataset": dataset,
         "model": cfg.model.name,
         "loss_variant": cfg.loss.variant,
         "git_commit": git_commit(),
         "evaluation": "single model",
-        **cfg.tracking.tags,
     }
 
 
@@ -308,19 +328,24 @@ def run_training(cfg: Config, *, tags: dict[str, str] | None = None,
     ends in an exception too, and only the study driver knows which it was.
 
     Raises:
-        ConfigError / DataError: before anything runs, for bad config or data.
+        ConfigError / DataError / CheckpointError / StorageError: before Ray starts, for
+            bad config, data, checkpoints or storage.
+        Terminated / Interrupted: SIGTERM or Ctrl-C (the MLflow run is marked KILLED).
         Exception: the training failure (the MLflow run is marked FAILED first).
     """
     start = time.perf_counter()
     check_outputs_outlive_job(cfg)
+    check_paths(cfg)
     prepared = prepare_data(cfg.data, progress=True)
     check_config_against_data(cfg, prepared)
+    check_model_against_data(cfg, prepared)
     run_name = cfg.run.name or default_run_name(cfg)
     storage = RunStorage(cfg.run.storage, run_name, cfg.data.cache_dir)
     storage.check()
     if storage.exists() and not cfg.run.resume:
         raise ConfigError(f"run.name={run_name!r}: {storage.location} already exists; choose "
                           "another name or set run.resume=true to continue it")
+    check_resumed_run(cfg, run_name, storage, prepared)
     output_dir = storage.work_dir
     output_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(output_dir / CONFIG_FILE, dump_yaml(cfg))
@@ -331,8 +356,8 @@ def run_training(cfg: Config, *, tags: dict[str, str] | None = None,
     started_local = connect_ray()
     if started_local:
         check_resources(cfg)
-    with sigterm_raises() as sigterm:
-        handle = start_run(cfg, run_name, {**_run_tags(cfg, prepared), **(tags or {})},
+    with stop_signals() as signals:
+        handle = start_run(cfg, run_name, {**(tags or {}), **_run_tags(cfg, prepared)},
                            resume=cfg.run.resume)
         print(f"[aoq] run {run_name!r}: MLflow run {handle.run_id} at {handle.tracking_uri}; "
               f"in the MLflow UI: {ui_link(handle)}", flush=True)
@@ -342,21 +367,19 @@ def run_training(cfg: Config, *, tags: dict[str, str] | None = None,
             test_metrics = _fit(cfg, payload, run_name, callbacks, storage)
             _log_outputs(handle, storage)
             _log_gallery(cfg, prepared, handle, storage)
-        except (KeyboardInterrupt, Terminated):
+        except BaseException:
+            # A signal may arrive as our exception, as Ray's SystemExit(1), or through
+            # Ray Train's own SIGINT handler: ask which signal came, not what was raised.
+            signum = signals.received()
             if record_failure:
-                end_run(handle, "KILLED")
-            raise
-        except BaseException as exc:
-            if sigterm.is_set():
-                if record_failure:
-                    end_run(handle, "KILLED")
-                print(f"[aoq] run {run_name!r} stopped by SIGTERM; MLflow run {handle.run_id} "
-                      "marked KILLED; resubmit with the same run.name to continue",
-                      file=sys.stderr, flush=True)
-                raise Terminated() from exc
-            if record_failure:
-                end_run(handle, "FAILED")
-            raise
+                end_run(handle, "FAILED" if signum is None else "KILLED")
+            if signum is None:
+                raise
+            print(f"[aoq] run {run_name!r} stopped by {signal_label(signum)}; MLflow run "
+                  f"{handle.run_id} marked KILLED; to continue from its last checkpoint, run "
+                  f"the same command again with run.name={run_name}", file=sys.stderr,
+                  flush=True)
+            raise stopped_by(signum) from None
         end_run(handle, "FINISHED")
     return TrainingOutcome(run_name, handle.run_id, storage.location, test_metrics,
                            time.perf_counter() - start)
@@ -375,6 +398,9 @@ def _fit(cfg: Config, payload: WorkerPayload, run_name: str, callbacks: Sequence
         if getattr(result, "error", None) is not None:
             raise result.error
     except TrainingFailedError as exc:
+        if isinstance(exc, ControllerError) and \
+                isinstance(exc.controller_failure, WorkerGroupStartupTimeoutError):
+            raise TrainingFailed(_never_started(cfg, run_name, exc)) from exc
         attempts = cfg.run.max_failures + 1
         cause = " ".join(str(exc).split())[:1500]
         restarts = (f"; each restart continued from the latest checkpoint in {storage.location}"
@@ -386,3 +412,14 @@ def _fit(cfg: Config, payload: WorkerPayload, run_name: str, callbacks: Sequence
     storage.pull(storage.work_dir / TEST_METRICS_FILE)
     return json.loads((storage.work_dir / TEST_METRICS_FILE).read_text())
 
+
+
+def _never_started(cfg: Config, run_name: str, exc: Exception) -> str:
+    """Why a job whose worker group was never placed failed (after run.start_retries)."""
+    cause = " ".join(str(exc).split())[:600]
+    gpu = ", 1 GPU" if use_gpu(cfg) else ""
+    return (f"run {run_name!r}: the worker group ({cfg.run.num_workers} workers x "
+            f"{cfg.run.cpus_per_worker:g} CPUs{gpu} each) could not be placed in "
+            f"{cfg.run.start_retries + 1} tries of run.start_timeout_s="
+            f"{cfg.run.start_timeout_s:g}s (run.start_retries={cfg.run.start_retries}); the "
+            f"cluster lacks these resources or they are taken. Ray: {cause}")

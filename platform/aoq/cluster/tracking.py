@@ -11,19 +11,36 @@ Failure handling: HTTP requests to a tracking server have bounded retries and ti
 writable before Ray starts, so an unreachable server or a read-only store is a clear
 error in seconds, not a hang or a crash mid-training. A resumed job reopens its run and
 closes other RUNNING runs of the same name that no live process owns.
+
+Runs are kept apart: a run is found again by its kind and the location of its outputs
+(``run.storage``/``run.name``), hashed into the tag :data:`RUN_KEY_TAG`, and lookups
+compare tag values exactly; no lookup is built from a user's string (a hex digest is
+the only value ever placed in a filter). aoq's own tags are written after the user's,
+so a user tag can never replace them (config validation refuses such tags anyway).
+
+A fresh SQLite store is created and its schema migrated once, under a file lock beside
+the database: MLflow's migration, run by two processes at once, fails half-way
+(``duplicate column name``).
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import os
+import re
 import socket
 import subprocess
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from filelock import FileLock, Timeout
+
 from aoq.config import Config, ConfigError, TrackingConfig, dump_yaml, flatten
+from aoq.storage import run_location
 
 RUN_NAME_TAG = "aoq.run_name"
 #: MLflow's mark of an experiment that trains models (not GenAI traces).
@@ -32,6 +49,15 @@ EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
 DEFAULT_UI = "http://127.0.0.1:5000"
 #: ``host:pid:process start time`` of the driver that last opened the run.
 DRIVER_TAG = "aoq.driver"
+#: What a run is: ``train`` (a training job or Tune trial), ``tune-study`` (a study's
+#: parent run), ``ablation-summary``.
+KIND_TAG = "aoq.kind"
+#: sha256 of the run's kind and output location: what a resumed job finds its run by.
+RUN_KEY_TAG = "aoq.run_key"
+#: How long a process waits for another one creating the same SQLite store.
+STORE_LOCK_TIMEOUT_S = 300.0
+_URI_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]+:")
+_HEX = re.compile(r"[0-9a-f]{64}")
 
 #: MLflow's HTTP defaults (7 retries with backoff factor 2, 120 s timeout) let one call
 #: to a dead server block for minutes; these bound it to well under a minute when the
@@ -61,10 +87,22 @@ def resolve_tracking_uri(cfg: TrackingConfig, base: Path | None = None) -> str:
         path = Path(uri[len("sqlite:///"):])
         if not path.is_absolute():
             uri = f"sqlite:///{(base / path).resolve()}"
-    elif "://" not in uri:
-        # A bare path means a local file store; make it absolute too.
+    elif not _URI_SCHEME.match(uri):
+        # A bare path means a local file store; make it absolute too. Anything with a
+        # scheme (file:/abs/mlruns, http://...) is a URI and left to MLflow.
         uri = str((base / uri).resolve())
     return uri
+
+
+def local_store_path(uri: str) -> Path | None:
+    """The local file or directory a store URI writes to (SQLite file, ``file:`` or bare
+    path), or None for a server."""
+    if uri.startswith("sqlite:///"):
+        return Path(uri[len("sqlite:///"):])
+    if uri.startswith("file:"):
+        rest = uri[len("file:"):]
+        return Path("/" + rest.lstrip("/")) if rest.startswith("/") else Path(rest)
+    return None if _URI_SCHEME.match(uri) else Path(uri)
 
 
 def default_artifact_root(uri: str) -> str | None:
@@ -94,10 +132,42 @@ class RunHandle:
     experiment_id: str
 
 
+#: SQLite stores this process has created or found migrated (MLflow then caches them).
+_READY_STORES: set[str] = set()
+
+
 def _client(uri: str):
+    """An MlflowClient; a SQLite store is created (or migrated) once, under a lock."""
     from mlflow.tracking import MlflowClient
 
+    if uri.startswith("sqlite:///") and uri not in _READY_STORES:
+        with _store_lock(uri):
+            # Constructing the client may already open (create, migrate) the store.
+            MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
+        _READY_STORES.add(uri)
     return MlflowClient(tracking_uri=uri)
+
+
+@contextlib.contextmanager
+def _store_lock(uri: str) -> Iterator[None]:
+    """Hold ``<db>.lock`` while MLflow opens a SQLite store: whoever comes second finds
+    the schema complete. In a read-only directory nobody can create the store, so
+    there is no race and no lock (opening it is what check_store reports on)."""
+    lock_path = f"{uri[len('sqlite:///'):]}.lock"
+    try:
+        lock = FileLock(lock_path, timeout=STORE_LOCK_TIMEOUT_S)
+        lock.acquire()
+    except Timeout:
+        raise TrackingError(f"tracking.uri={uri!r}: another process has held {lock_path} "
+                            f"for {STORE_LOCK_TIMEOUT_S:.0f}s while creating the store"
+                            ) from None
+    except OSError:
+        yield
+        return
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 def ensure_experiment(uri: str, name: str) -> str:
@@ -169,18 +239,52 @@ def check_store(uri: str, experiment: str) -> str:
     return experiment_id
 
 
-def find_run(uri: str, experiment_id: str, run_name: str) -> Any | None:
-    """The newest run of this experiment tagged with ``run_name``, if any."""
-    runs = runs_named(uri, experiment_id, run_name)
+def run_key(kind: str, location: str) -> str:
+    """The :data:`RUN_KEY_TAG` value of the run of ``kind`` whose outputs are at
+    ``location`` (a training run: ``aoq.storage.run_location(run.storage, run.name)``;
+    a study's parent: the study's directory)."""
+    return hashlib.sha256(f"{kind}\n{location}".encode("utf-8")).hexdigest()
+
+
+def find_run(uri: str, experiment_id: str, run_name: str, location: str,
+             kind: str = "train") -> Any | None:
+    """The newest run of this experiment named ``run_name`` of ``kind`` at ``location``."""
+    runs = runs_named(uri, experiment_id, run_name, location, kind)
     return runs[0] if runs else None
 
 
-def runs_named(uri: str, experiment_id: str, run_name: str) -> list[Any]:
-    """Every run of this experiment tagged with ``run_name``, newest first."""
-    return _client(uri).search_runs(
-        [experiment_id], filter_string=f"tags.`{RUN_NAME_TAG}` = '{run_name}'",
-        order_by=["attributes.start_time DESC"], max_results=1000,
-    )
+def _search_all(uri: str, experiment_id: str, filter_string: str) -> list[Any]:
+    """Every run of the experiment matching a fixed filter, page by page."""
+    client, runs, token = _client(uri), [], None
+    while True:
+        page = client.search_runs([experiment_id], filter_string=filter_string,
+                                  max_results=1000, page_token=token)
+        runs += page
+        token = page.token
+        if not token:
+            return runs
+
+
+def runs_named(uri: str, experiment_id: str, run_name: str, location: str,
+               kind: str = "train") -> list[Any]:
+    """Every run of this experiment named ``run_name`` of ``kind`` at ``location``,
+    newest first, compared by exact tag values.
+
+    Runs recorded before run keys existed have none; they are matched by their name
+    alone, as they were then (a resumed job gives the run it reopens its key). Neither
+    query holds a user's string: one holds a hex digest, the other no value at all.
+    """
+    key = run_key(kind, location)
+    if not _HEX.fullmatch(key):
+        raise AssertionError(f"run key {key!r} is not a sha256 hex digest")
+    keyed = _search_all(uri, experiment_id, f"tags.`{RUN_KEY_TAG}` = '{key}'")
+    legacy = _search_all(uri, experiment_id, f"tags.`{RUN_KEY_TAG}` IS NULL AND "
+                                             f"tags.`{RUN_NAME_TAG}` IS NOT NULL")
+    runs = [r for r in keyed if r.data.tags.get(RUN_KEY_TAG) == key]
+    runs += [r for r in legacy if RUN_KEY_TAG not in r.data.tags
+             and r.data.tags.get(KIND_TAG, "train") == kind]
+    runs = [r for r in runs if r.data.tags.get(RUN_NAME_TAG) == run_name]
+    return sorted(runs, key=lambda r: r.info.start_time, reverse=True)
 
 
 def _process_start(pid: int) -> str | None:
@@ -211,15 +315,15 @@ def _owner_alive(tag: str | None) -> bool:
     return started != "None" and _process_start(int(pid)) == started
 
 
-def reopen_run(uri: str, experiment_id: str, run_name: str) -> str | None:
-    """For a resumed job: reopen the newest run named ``run_name`` and mark the older
-    ones that are still RUNNING (left by killed drivers) KILLED.
+def reopen_run(uri: str, experiment_id: str, run_name: str, location: str) -> str | None:
+    """For a resumed job: reopen the newest run named ``run_name`` at ``location`` and
+    mark the older ones that are still RUNNING (left by killed drivers) KILLED.
 
     Raises:
         TrackingError: if the newest run is RUNNING under a driver that is still alive
             (two jobs must not train into one run and one directory).
     """
-    runs = runs_named(uri, experiment_id, run_name)
+    runs = runs_named(uri, experiment_id, run_name, location)
     if not runs:
         return None
     client = _client(uri)
@@ -234,6 +338,7 @@ def reopen_run(uri: str, experiment_id: str, run_name: str) -> str | None:
             client.set_terminated(run.info.run_id, status="KILLED")
             client.set_tag(run.info.run_id, "aoq.closed_as_stale", "true")
     run_id = newest.info.run_id
+    client.set_tag(run_id, RUN_KEY_TAG, run_key("train", location))
     if newest.info.status == "RUNNING":
         # Its driver died without closing it (SIGKILL, lost node): say so.
         client.set_tag(run_id, "aoq.recovered_stale_run", "true")
@@ -247,16 +352,19 @@ def start_run(cfg: Config, run_name: str, tags: dict[str, str], *, resume: bool)
     """Create the job's run (or reopen the one of a resumed job) and log the config.
 
     Params are logged only for a new run: MLflow refuses to change a logged param, and a
-    resumed job has the same config by construction.
+    resumed job has the same config by construction. The run's identity tags are
+    written last, so no tag in ``tags`` can replace them.
     """
     uri = resolve_tracking_uri(cfg.tracking)
     experiment_id = ensure_experiment(uri, cfg.tracking.experiment)
     client = _client(uri)
-    run_id = reopen_run(uri, experiment_id, run_name) if resume else None
+    location = run_location(cfg.run.storage, run_name)
+    run_id = reopen_run(uri, experiment_id, run_name, location) if resume else None
     if run_id is not None:
         return RunHandle(uri, run_id, experiment_id)
-    all_tags = {RUN_NAME_TAG: run_name, "mlflow.runName": run_name,
-                DRIVER_TAG: driver_identity(), **tags}
+    all_tags = {**tags, RUN_NAME_TAG: run_name, "mlflow.runName": run_name,
+                KIND_TAG: "train", RUN_KEY_TAG: run_key("train", location),
+                DRIVER_TAG: driver_identity()}
     run = client.create_run(experiment_id, run_name=run_name, tags=all_tags)
     run_id = run.info.run_id
     from mlflow.entities import Param

@@ -11,6 +11,11 @@ MLflow: one parent run per study, one child run per trial (``mlflow.parentRunId`
 child found again by its run-name tag, so a resumed study reopens the same child runs
 instead of opening second ones. After Tune returns, children that Tune stopped (ASHA)
 or that died with a killed driver are closed with the right status: none stays RUNNING.
+
+Nothing a trial produced is dropped: ASHA's decision at a trial's last epoch waits for
+the trial's final report (:class:`LastEpochASHA`), which comes after its test
+evaluation, and the driver takes each trial's test metrics and outputs from the trial's
+own directory when Tune's record of the trial lacks them.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -26,24 +32,38 @@ import pandas as pd
 import ray
 from ray import tune
 from ray.tune.integration.ray_train import TuneReportCallback
-from ray.tune.schedulers import ASHAScheduler
+from ray.tune.schedulers import ASHAScheduler, TrialScheduler
 from ray.tune.search import BasicVariantGenerator
 
 from aoq.atomic import atomic_write_text
-from aoq.cluster.job import check_config_against_data, connect_ray, run_training
+from aoq.cluster.interrupts import signal_label, stop_signals, stopped_by
+from aoq.cluster.job import (
+    check_config_against_data, check_model_against_data, check_resources, connect_ray,
+    run_training,
+)
 from aoq.cluster.tracking import (
-    RUN_NAME_TAG, RunHandle, end_run, ensure_experiment, find_run, log_artifact, log_metrics,
-    resolve_tracking_uri,
+    KIND_TAG, RUN_KEY_TAG, RUN_NAME_TAG, RunHandle, end_run, ensure_experiment, find_run,
+    log_artifact, log_metrics, resolve_tracking_uri, run_key,
 )
 from aoq.config import Config, ConfigError, dump_yaml, load_config, parse_negative_source
-from aoq.config.tune_space import ParamSpec, TuneSpace, as_overrides, load_space
+from aoq.config.names import name_problem
+from aoq.config.paths import check_paths
+from aoq.config.tune_space import (
+    ParamSpec, TuneSpace, as_overrides, describe_point, load_space, probe_points,
+)
 from aoq.data.prepare import PreparedData, open_split, prepare_data
 from aoq.negatives.checkpoints import mine_from_checkpoint
 from aoq.negatives.schedule import mines_during_training, uses_offline
 from aoq.negatives.tables import list_versions, load_tables, save_tables, version_dir
+from aoq.storage import run_location
+from aoq.training.run_files import BEST_MODEL_FILE, RECALL_PLOT_FILE, TEST_METRICS_FILE
 
 STUDY_FILE = "study.json"
-STUDY_KIND_TAG = "aoq.kind"
+#: A study file holds a few settings; anything far larger is not one.
+MAX_STUDY_FILE_BYTES = 1 << 16
+#: The epoch at which ASHA judged each trial weak (written by :class:`LastEpochASHA`).
+DECISIONS_FILE = "scheduler_stops.json"
+STUDY_KIND_TAG = KIND_TAG
 STUDY_TAG = "study"
 STOPPED_EARLY_TAG = "aoq.tune.stopped_early"
 TRIAL_MEMORY_BYTES = 256 * 1024**2  # the trial's driver function; its workers are apart
@@ -98,7 +118,43 @@ class StudyOutcome:
 
 
 def study_dir(cfg: Config, name: str) -> Path:
+    """``<run.storage>/studies/<name>``; the name is an identifier, so it stays there."""
+    problem = name_problem("study name", name)
+    if problem:
+        raise ConfigError(problem)
     return Path(cfg.run.storage) / "studies" / name
+
+
+#: StudySpec field -> (types it may have in study.json, low, high) for numbers.
+_SPEC_FIELDS: dict[str, tuple[tuple[type, ...], float | None, float | None]] = {
+    "name": ((str,), None, None), "space": ((str,), None, None),
+    "config": ((str, type(None)), None, None), "overrides": ((list, tuple), None, None),
+    "samples": ((int,), 1, 100_000), "scheduler": ((str,), None, None),
+    "max_concurrent": ((int,), 0, 10_000), "trial_cpus": ((int, float), 0, 1024),
+    "seed": ((int,), 0, 2**32 - 1),
+}
+
+
+def spec_problems(values: dict[str, Any]) -> list[str]:
+    """Every problem of a study's settings (as given, or as read from study.json)."""
+    problems = []
+    missing = set(_SPEC_FIELDS) - set(values)
+    unknown = set(values) - set(_SPEC_FIELDS)
+    if missing or unknown:
+        return [f"missing {sorted(missing)}, unknown {sorted(unknown)}"]
+    for key, (types, low, high) in _SPEC_FIELDS.items():
+        value = values[key]
+        if isinstance(value, bool) or not isinstance(value, types):
+            problems.append(f"{key}={value!r}: expected {' or '.join(t.__name__ for t in types)}")
+        elif low is not None and not low <= value <= high:
+            problems.append(f"{key}={value!r}: must be in {low}..{high}")
+    if not problems:
+        problems += [p for p in [name_problem("name", values["name"])] if p]
+        if values["scheduler"] not in ("asha", "fifo"):
+            problems.append(f"scheduler={values['scheduler']!r}: use asha or fifo")
+        if not all(isinstance(o, str) for o in values["overrides"]):
+            problems.append("overrides: expected a list of KEY=VALUE strings")
+    return problems
 
 
 def save_spec(spec: StudySpec, directory: Path) -> None:
@@ -107,11 +163,31 @@ def save_spec(spec: StudySpec, directory: Path) -> None:
 
 
 def load_spec(directory: Path) -> StudySpec:
+    """The settings of the study in ``directory``, checked as a new study's are.
+
+    Raises:
+        ConfigError: naming study.json and what is wrong with it.
+    """
     path = directory / STUDY_FILE
-    if not path.exists():
+    if not path.is_file():
         raise ConfigError(f"{path}: no study to resume here (was it started with this "
                           "run.storage?)")
-    values = json.loads(path.read_text())
+    try:
+        if path.stat().st_size > MAX_STUDY_FILE_BYTES:
+            raise ConfigError(f"{path}: larger than a study file can be "
+                              f"({MAX_STUDY_FILE_BYTES} bytes)")
+        values = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, RecursionError) as exc:
+        raise ConfigError(f"{path}: unreadable study file ({type(exc).__name__})") from None
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{path}: not a complete study file ({exc.msg}, line {exc.lineno}); "
+                          "it is written whole by the study that created it, so it was "
+                          "changed since") from None
+    if not isinstance(values, dict):
+        raise ConfigError(f"{path}: not a study file (expected a JSON object)")
+    problems = spec_problems(values)
+    if problems:
+        raise ConfigError(f"{path}: not a valid study file: {'; '.join(problems)}")
     values["overrides"] = tuple(values["overrides"])
     return StudySpec(**values)
 
@@ -131,7 +207,8 @@ def concurrency(cfg: Config, spec: StudySpec, cluster_cpus: float) -> int:
     """How many trials may run at once; refuses a study that would deadlock.
 
     A trial whose workers cannot be placed waits forever while holding its own slot, so
-    ``concurrent x per-trial CPUs`` must fit the cluster.
+    ``concurrent x per-trial CPUs`` must fit the cluster. ``cfg`` is the config of the
+    most demanding trial the space can sample (:func:`check_every_trial`).
     """
     need = per_trial_cpus(cfg, spec.trial_cpus)
     fits = math.floor((cluster_cpus + 1e-9) / need) if need > 0 else spec.samples
@@ -148,6 +225,33 @@ def concurrency(cfg: Config, spec: StudySpec, cluster_cpus: float) -> int:
             f"{cluster_cpus:g}: trials would wait forever for their workers. Use "
             f"--max-concurrent {fits} or fewer.")
     return spec.max_concurrent or fits
+
+
+def check_every_trial(spec: StudySpec, space: TuneSpace, base_config: str,
+                      overrides: tuple[str, ...], prepared: PreparedData,
+                      total: dict[str, float]) -> Config:
+    """Check every combination of extreme values a trial can sample: it must be a valid
+    config, fit the data and fit the cluster on its own (a trial that cannot be placed
+    would retry its worker group until it gives up). Returns the config of the most
+    demanding one in CPUs, for :func:`concurrency`.
+
+    Raises:
+        ConfigError: naming the space file and the sampled values that do not fit.
+    """
+    worst: tuple[float, Config] | None = None
+    for sampled, cfg in probe_points(space, base_config, overrides):
+        try:
+            check_config_against_data(cfg, prepared)
+            check_model_against_data(cfg, prepared)
+            check_resources(cfg, total)
+        except ConfigError as exc:
+            raise ConfigError(f"{space.path}: a trial could sample "
+                              f"{describe_point(sampled)}: {exc}") from None
+        need = per_trial_cpus(cfg, spec.trial_cpus)
+        if worst is None or need > worst[0]:
+            worst = (need, cfg)
+    assert worst is not None  # a space has at least one parameter
+    return worst[1]
 
 
 # --------------------------------------------------------------------------- Tune glue
@@ -186,15 +290,58 @@ def run_trial(config: dict[str, Any], ctx: TrialContext) -> None:
     run_training(cfg, tags=tags, callbacks=[TuneReportCallback()], record_failure=False)
 
 
-def scheduler_for(spec: StudySpec, space: TuneSpace, epochs: int) -> Any:
+class LastEpochASHA(ASHAScheduler):
+    """ASHA on the epoch axis that never stops a trial in its last epoch.
+
+    When epochs - 1 is one of ASHA's rungs (epochs = 2, 3, 5, 9 ...), stopping a trial
+    at its last epoch's report saves no training and loses what comes after it: the
+    test evaluation and the trial's outputs. Here that decision is taken on the trial's
+    final report instead (which carries the same dev metrics, after the test
+    evaluation), where it can no longer cut anything; ASHA still records the trial at
+    that rung for the trials that come after it. Every STOP verdict is written to
+    ``decisions`` (trial id -> epoch), so the summary can say which trials ASHA judged
+    weak even when the verdict stopped nothing.
+    """
+
+    def __init__(self, *, epochs: int, decisions: str, **kwargs: Any) -> None:
+        super().__init__(time_attr="epoch", max_t=epochs, **kwargs)
+        self._last_epoch = epochs - 1
+        self._decisions = decisions
+
+    def on_trial_result(self, tune_controller: Any, trial: Any, result: dict) -> str:
+        final = bool(result.get("final"))
+        if not final and result.get("epoch", -1) >= self._last_epoch:
+            return TrialScheduler.CONTINUE  # decided on the final report
+        action = super().on_trial_result(tune_controller, trial, result)
+        if action == TrialScheduler.STOP:
+            self._record(trial.trial_id, int(result["epoch"]))
+        return TrialScheduler.CONTINUE if final else action
+
+    def _record(self, trial_id: str, epoch: int) -> None:
+        path = Path(self._decisions)
+        decisions = read_decisions(path)
+        decisions[trial_id] = epoch
+        atomic_write_text(path, json.dumps(decisions, indent=1, sort_keys=True))
+
+
+def read_decisions(path: Path) -> dict[str, int]:
+    """Trial id -> the epoch at which the scheduler judged the trial weak."""
+    try:
+        values = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return {str(k): int(v) for k, v in values.items()} if isinstance(values, dict) else {}
+
+
+def scheduler_for(spec: StudySpec, space: TuneSpace, epochs: int, directory: Path) -> Any:
     if spec.scheduler == "fifo":
         return None
     # The epoch index every report carries is the time axis: wall time would make
     # ASHA's rungs depend on how busy the machine was. max_t = epochs is never reached
     # by an index (0 .. epochs-1), so ASHA only ever stops the weaker trials early and a
     # surviving trial always reaches its final test evaluation.
-    return ASHAScheduler(time_attr="epoch", max_t=epochs, grace_period=1,
-                         reduction_factor=2)
+    return LastEpochASHA(epochs=epochs, decisions=str(directory / DECISIONS_FILE),
+                         grace_period=1, reduction_factor=2)
 
 
 # --------------------------------------------------------------------------- MLflow
@@ -209,13 +356,15 @@ def open_parent_run(cfg: Config, spec: StudySpec, space: TuneSpace) -> RunHandle
     experiment_id = ensure_experiment(uri, cfg.tracking.experiment)
     client = MlflowClient(uri)
     run_name = f"{spec.name}-study"
-    existing = find_run(uri, experiment_id, run_name)
+    location = str(study_dir(cfg, spec.name))
+    existing = find_run(uri, experiment_id, run_name, location, kind="tune-study")
     if existing is not None:
         client.update_run(existing.info.run_id, status="RUNNING")
+        client.set_tag(existing.info.run_id, RUN_KEY_TAG, run_key("tune-study", location))
         return RunHandle(uri, existing.info.run_id, experiment_id)
     run = client.create_run(experiment_id, run_name=run_name, tags={
-        RUN_NAME_TAG: run_name, STUDY_TAG: spec.name, STUDY_KIND_TAG: "tune-study",
-        **cfg.tracking.tags})
+        **cfg.tracking.tags, RUN_NAME_TAG: run_name, STUDY_TAG: spec.name,
+        KIND_TAG: "tune-study", RUN_KEY_TAG: run_key("tune-study", location)})
     params = {"study.space": spec.space, "study.samples": str(spec.samples),
               "study.scheduler": spec.scheduler, "study.metric": space.metric,
               "study.mode": space.mode, "study.overrides": " ".join(spec.overrides)[:6000],
@@ -232,24 +381,31 @@ def _describe(p: ParamSpec) -> str:
     return f"{p.distribution}({p.low}, {p.high}{q})"
 
 
-def close_trial_runs(handle: RunHandle, study: str, rows: pd.DataFrame, epochs: int) -> None:
-    """Give every child run its final status; none stays RUNNING.
+def close_trial_runs(handle: RunHandle, study: str, rows: pd.DataFrame, trials_dir: Path
+                     ) -> None:
+    """Give every child run its final status and its outputs; none stays RUNNING.
 
     A trial stopped by ASHA is killed mid-training, and a trial of a killed driver
-    never returns: their runs are still RUNNING. Stopped early -> FINISHED with
-    ``aoq.tune.stopped_early=true``; errored -> FAILED.
+    never returns: their runs are still RUNNING, and outputs the trial wrote after its
+    last report were never logged. Stopped early (no final report) -> FINISHED with
+    ``aoq.tune.stopped_early=true``; errored -> FAILED. The best weights, test metrics
+    and recall plot in the trial's directory are logged if the run lacks them.
     """
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(handle.tracking_uri)
     for row in rows.itertuples():
-        run = find_run(handle.tracking_uri, handle.experiment_id,
-                       trial_name(study, row.trial_id))
+        name = trial_name(study, row.trial_id)
+        run = find_run(handle.tracking_uri, handle.experiment_id, name,
+                       run_location(str(trials_dir), name))
         if run is None:
             continue
-        stopped_early = row.status == "TERMINATED" and row.epochs_done < epochs
-        if stopped_early:
+        if row.stopped_early:
             client.set_tag(run.info.run_id, STOPPED_EARLY_TAG, "true")
+        logged = {a.path for a in client.list_artifacts(run.info.run_id)}
+        for file in (BEST_MODEL_FILE, TEST_METRICS_FILE, RECALL_PLOT_FILE):
+            if file not in logged and (trials_dir / name / file).is_file():
+                client.log_artifact(run.info.run_id, str(trials_dir / name / file))
         status = "FAILED" if row.status == "ERROR" else "FINISHED"
         if run.info.status != status:
             client.set_terminated(run.info.run_id, status)
@@ -258,8 +414,26 @@ def close_trial_runs(handle: RunHandle, study: str, rows: pd.DataFrame, epochs: 
 # --------------------------------------------------------------------------- outputs
 
 
-def results_table(result_grid: Any, space: TuneSpace) -> pd.DataFrame:
-    """One row per trial: id, status, epochs done, sampled values, best metric."""
+def _test_rsum(metrics: dict[str, Any], trial_dir: Path) -> float:
+    """The trial's test rsum: from its last report, else from the test metrics its
+    rank 0 wrote (a trial can be stopped after its test evaluation, before reporting)."""
+    if "test/rsum" in metrics:
+        return float(metrics["test/rsum"])
+    try:
+        return float(json.loads((trial_dir / TEST_METRICS_FILE).read_text())["test/rsum"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return math.nan
+
+
+def results_table(result_grid: Any, space: TuneSpace, study: str | None = None,
+                  directory: Path | None = None) -> pd.DataFrame:
+    """One row per trial: id, status, epochs done, whether it was stopped early (it
+    never sent its final report), the epoch at which the scheduler judged it weak,
+    sampled values, best metric, test rsum.
+
+    ``study`` and ``directory`` locate the trials' own files (test metrics, the
+    scheduler's verdicts)."""
+    decisions = read_decisions(directory / DECISIONS_FILE) if directory else {}
     rows = []
     best_key = space.metric.replace("dev/", "dev/best_") if space.metric == "dev/rsum" \
         else space.metric
@@ -273,15 +447,20 @@ def results_table(result_grid: Any, space: TuneSpace) -> pd.DataFrame:
         else:
             best = metrics.get(best_key, math.nan)
         config = result.config or {}
+        # Tune adds trial_id to every result; a trial that failed before its first
+        # report has none, and its directory name is all there is.
+        trial_id = metrics.get("trial_id") or Path(result.path).name
+        trial_dir = (directory / "trials" / trial_name(study, trial_id)) if directory and \
+            study else Path(result.path)
         rows.append({
-            # Tune adds trial_id to every result; a trial that failed before its first
-            # report has none, and its directory name is all there is.
-            "trial_id": metrics.get("trial_id") or Path(result.path).name,
+            "trial_id": trial_id,
             "status": "ERROR" if result.error else "TERMINATED",
             "epochs_done": int(metrics.get("epoch", -1)) + 1,
+            "stopped_early": not result.error and not metrics.get("final"),
+            "judged_weak_at_epoch": decisions.get(trial_id, math.nan),
             **{k: config.get(k) for k in space.keys},
             space.metric: best,
-            "test/rsum": metrics.get("test/rsum", math.nan),
+            "test/rsum": _test_rsum(metrics, trial_dir),
         })
     table = pd.DataFrame(rows)
     return table.sort_values(space.metric, ascending=space.mode == "min",
@@ -351,76 +530,103 @@ def run_study(spec: StudySpec, *, resume: bool = False) -> StudyOutcome:
     """Run (or continue) a study and write its outputs.
 
     Raises:
-        ConfigError: bad space, config or resources, before any trial starts.
+        ConfigError / DataError / CheckpointError: bad settings, space, config, data or
+            resources, before any trial starts.
+        Terminated / Interrupted: SIGTERM or Ctrl-C (the parent run is marked KILLED).
     """
+    problems = spec_problems(dataclasses.asdict(spec))
+    if problems:
+        raise ConfigError("study settings: " + "; ".join(problems))
     cfg = load_config(spec.config, spec.overrides)
+    check_paths(cfg)
     space = load_space(spec.space, spec.config, spec.overrides)
-    if spec.scheduler not in ("asha", "fifo"):
-        raise ConfigError(f"--scheduler {spec.scheduler!r}: use asha or fifo")
     directory = study_dir(cfg, spec.name)
     if (directory / STUDY_FILE).exists() and not resume:
         raise ConfigError(f"study {spec.name!r} already exists at {directory}; resume it "
                           f"with --resume {spec.name} or choose another --name")
     prepared = prepare_data(cfg.data, progress=True)  # once, before any trial
     check_config_against_data(cfg, prepared)
+    check_model_against_data(cfg, prepared)
     base_config = write_base_config(cfg, directory)
     overrides = _shared_tables(cfg, prepared, directory)
     shared_source = overrides[0].split("=", 1)[1] if overrides else cfg.negatives.source
     _check_table_width(space, shared_source, cfg, prepared)
     connect_ray()
-    limit = concurrency(cfg, spec, ray.cluster_resources().get("CPU", 0))
+    total = ray.cluster_resources()
+    worst = check_every_trial(spec, space, str(base_config), overrides, prepared, total)
+    limit = concurrency(worst, spec, total.get("CPU", 0))
     save_spec(spec, directory)  # only a study that can run is one that can be resumed
-    parent = open_parent_run(cfg, spec, space)
-    print(f"[tune] study {spec.name!r}: {len(space.params)} parameters from {spec.space}, "
-          f"{spec.samples} samples, {spec.scheduler}, up to {limit} trials at once; "
-          f"MLflow parent run {parent.run_id}", flush=True)
-    try:
-        ctx = TrialContext(spec.name, str(base_config), overrides, tuple(space.keys),
-                           str(directory / "trials"), parent.run_id)
-        # Ray refuses an empty bundle; a little memory makes the 0-CPU trial placeable.
-        resources = {"cpu": spec.trial_cpus, "memory": TRIAL_MEMORY_BYTES}
-        trainable = tune.with_resources(tune.with_parameters(run_trial, ctx=ctx), resources)
-        tune_path = directory / "tune"
-        if resume and tune_path.exists():
-            tuner = tune.Tuner.restore(str(tune_path), trainable=trainable,
-                                       resume_unfinished=True, resume_errored=True)
-        else:
-            tuner = tune.Tuner(
-                trainable,
-                param_space={p.key: tune_distribution(p) for p in space.params},
-                tune_config=tune.TuneConfig(
-                    metric=space.metric, mode=space.mode, num_samples=spec.samples,
-                    scheduler=scheduler_for(spec, space, cfg.optim.epochs),
-                    # Tune ignores max_concurrent_trials when given a search generator
-                    # (it warns, then runs every trial at once and the trainers starve
-                    # for workers): the generator itself must cap concurrency.
-                    search_alg=BasicVariantGenerator(random_state=spec.seed,
-                                                     max_concurrent=limit)),
-                run_config=tune.RunConfig(name="tune", storage_path=str(directory),
-                                          verbose=1),
-            )
-        grid = tuner.fit()
-        table = results_table(grid, space)
-        close_trial_runs(parent, spec.name, table, cfg.optim.epochs)
-        best_path = write_best_config(spec, space, table, directory)
-        figure = directory / "params_vs_metric.png"
-        plot_params(table, space, figure)
-        summary = directory / "summary.csv"
-        atomic_write_text(summary, table.to_csv(index=False))
-        for path in (best_path, figure, summary):
-            log_artifact(parent, path)
-        best = table.iloc[0]
-        log_metrics(parent, {f"best/{space.metric}": float(best[space.metric]),
-                             "trials": float(len(table))}, step=0)
-    except BaseException:
-        end_run(parent, "FAILED")
-        raise
+    with stop_signals() as signals:
+        parent = open_parent_run(cfg, spec, space)
+        print(f"[tune] study {spec.name!r}: {len(space.params)} parameters from "
+              f"{spec.space}, {spec.samples} samples, {spec.scheduler}, up to {limit} trials "
+              f"at once; MLflow parent run {parent.run_id}", flush=True)
+        try:
+            ctx = TrialContext(spec.name, str(base_config), overrides, tuple(space.keys),
+                               str(directory / "trials"), parent.run_id)
+            grid = _tuner(spec, space, cfg, ctx, directory, limit, resume).fit()
+            if signals.received() is not None:
+                # Tune's own SIGINT handler ends fit() early, without an exception.
+                raise KeyboardInterrupt
+            table = results_table(grid, space, spec.name, directory)
+            close_trial_runs(parent, spec.name, table, directory / "trials")
+            best_path = _write_outputs(spec, space, table, directory, parent)
+        except BaseException:
+            signum = signals.received()
+            end_run(parent, "FAILED" if signum is None else "KILLED")
+            if signum is None:
+                raise
+            print(f"[tune] study {spec.name!r} stopped by {signal_label(signum)}; MLflow "
+                  f"parent run {parent.run_id} marked KILLED; continue it with: python "
+                  f"jobs/tune.py --resume {spec.name} run.storage={cfg.run.storage}",
+                  file=sys.stderr, flush=True)
+            raise stopped_by(signum) from None
     end_run(parent, "FINISHED")
     with pd.option_context("display.width", 160, "display.max_columns", 20):
         print(table.to_string(index=False), flush=True)
     print(f"[tune] best config: {best_path}\n[tune] python jobs/train.py --config "
           f"{best_path}", flush=True)
     return StudyOutcome(str(directory), parent.run_id, table, str(best_path))
+
+
+def _tuner(spec: StudySpec, space: TuneSpace, cfg: Config, ctx: TrialContext,
+           directory: Path, limit: int, resume: bool) -> tune.Tuner:
+    """A new Tuner for the study, or the interrupted one restored."""
+    # Ray refuses an empty bundle; a little memory makes the 0-CPU trial placeable.
+    resources = {"cpu": spec.trial_cpus, "memory": TRIAL_MEMORY_BYTES}
+    trainable = tune.with_resources(tune.with_parameters(run_trial, ctx=ctx), resources)
+    tune_path = directory / "tune"
+    if resume and tune_path.exists():
+        return tune.Tuner.restore(str(tune_path), trainable=trainable,
+                                  resume_unfinished=True, resume_errored=True)
+    return tune.Tuner(
+        trainable,
+        param_space={p.key: tune_distribution(p) for p in space.params},
+        tune_config=tune.TuneConfig(
+            metric=space.metric, mode=space.mode, num_samples=spec.samples,
+            scheduler=scheduler_for(spec, space, cfg.optim.epochs, directory),
+            # Tune ignores max_concurrent_trials when given a search generator (it
+            # warns, then runs every trial at once and the trainers starve for
+            # workers): the generator itself must cap concurrency.
+            search_alg=BasicVariantGenerator(random_state=spec.seed, max_concurrent=limit)),
+        run_config=tune.RunConfig(name="tune", storage_path=str(directory), verbose=1),
+    )
+
+
+def _write_outputs(spec: StudySpec, space: TuneSpace, table: pd.DataFrame, directory: Path,
+                   parent: RunHandle) -> Path:
+    """best_config.yaml, the plot and summary.csv, also logged to the parent run."""
+    best_path = write_best_config(spec, space, table, directory)
+    figure = directory / "params_vs_metric.png"
+    plot_params(table, space, figure)
+    summary = directory / "summary.csv"
+    atomic_write_text(summary, table.to_csv(index=False))
+    for path in (best_path, figure, summary):
+        log_artifact(parent, path)
+    best = table.iloc[0]
+    log_metrics(parent, {f"best/{space.metric}": float(best[space.metric]),
+                         "trials": float(len(table))}, step=0)
+    return best_path
 
 
 def _check_table_width(space: TuneSpace, source: str, cfg: Config,
@@ -458,6 +664,7 @@ def _shared_tables(cfg: Config, prepared: PreparedData, directory: Path
     start = time.perf_counter()
     i2t, t2i, meta = mine_from_checkpoint(path, open_split(prepared, cfg.data.train_split),
                                           cfg.negatives, vocab_size=prepared.vocab_size,
+                                          vocab_fingerprint=prepared.vocab_fingerprint,
                                           progress=True)
     saved = save_tables(root, 1, i2t, t2i, **meta)
     print(f"[tune] mined the study's shared tables once in "

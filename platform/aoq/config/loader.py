@@ -21,6 +21,11 @@ import yaml
 from aoq.config.errors import ConfigError
 from aoq.config.schema import Config, iter_options
 from aoq.config.validation import validate
+from aoq.storage import is_uri
+
+#: A config or search-space file is a few kilobytes; anything far larger is not one, and
+#: reading it whole must not be able to exhaust memory.
+MAX_YAML_BYTES = 1 << 20
 
 _TRUE = {"true", "yes", "on", "1"}
 _FALSE = {"false", "no", "off", "0"}
@@ -58,11 +63,19 @@ def read_yaml(path: str | os.PathLike) -> dict[str, Any]:
     """
     path = Path(path)
     try:
+        size = path.stat().st_size
+        if not path.is_file():
+            raise ConfigError(f"{path}: not a regular file")
+        if size > MAX_YAML_BYTES:
+            raise ConfigError(f"{path}: {size} bytes; a YAML file here is at most "
+                              f"{MAX_YAML_BYTES} bytes")
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise ConfigError(f"{path}: config file not found") from None
     except UnicodeDecodeError as exc:
         raise ConfigError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read it ({exc.strerror or exc})") from None
     loader = _StrictLoader(text)
     loader.name = str(path)
     try:
@@ -73,6 +86,8 @@ def read_yaml(path: str | os.PathLike) -> dict[str, Any]:
         raise ConfigError(f"{path}{where}: {exc.problem or exc.context}") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: {exc}") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: nested too deeply to be a config") from None
     finally:
         loader.dispose()
     if data is None:
@@ -133,7 +148,12 @@ def _coerce(key: str, value: Any, typ: Any) -> Any:
     if typ is dict or typing.get_origin(typ) is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"{key}: expected a mapping")
-        return {str(k): str(v) for k, v in value.items()}
+        # Only scalars: str() of a nested (possibly alias-built) structure is unbounded.
+        nested = [k for k, v in value.items() if isinstance(v, (dict, list))]
+        if nested:
+            raise ConfigError(f"{key}.{nested[0]}: expected a string, got a "
+                              f"{type(value[nested[0]]).__name__}")
+        return {str(k): "" if v is None else str(v) for k, v in value.items()}
     raise ConfigError(f"{key}: unsupported field type {typ!r}")  # pragma: no cover
 
 
@@ -208,12 +228,8 @@ def parse_overrides(overrides: Sequence[str]) -> list[tuple[str, str]]:
 # --------------------------------------------------------------------------- paths
 
 
-def _is_uri(value: str) -> bool:
-    return "://" in value
-
-
 def _absolute(value: str, base: Path) -> str:
-    if not value or _is_uri(value):
+    if not value or is_uri(value):
         return value
     path = Path(os.path.expanduser(value))
     return str(path if path.is_absolute() else (base / path).resolve())

@@ -19,20 +19,28 @@ distributions, and the extreme values of every range (and every listed value) mu
 each make a valid config together with the study's base config — which catches
 out-of-range values and cross-field conflicts such as a sampling range wider than the
 tables. Errors name the file and the key. Pure Python: Ray is only needed to sample.
+
+A trial samples all parameters at once, so the study driver also checks every
+combination of the parameters' extreme values (:func:`probe_points`) against the data
+and the cluster before any trial starts; a space is limited to
+:data:`MAX_PROBE_POINTS` such combinations (ten ranges) and each list to
+:data:`MAX_LIST_VALUES` scalar values, so that this check stays short.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import itertools
+import math
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 from aoq.config.errors import ConfigError
 from aoq.config.loader import load_config, read_yaml
-from aoq.config.schema import iter_options
+from aoq.config.schema import Config, iter_options
 
 RANGE_DISTRIBUTIONS = ("uniform", "loguniform", "randint", "quniform", "qloguniform",
                        "qrandint")
@@ -40,6 +48,10 @@ LIST_DISTRIBUTIONS = ("choice", "grid")
 INTEGER_DISTRIBUTIONS = ("randint", "qrandint")
 METRICS = tuple(f"dev/{k}" for k in ("rsum", "i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1",
                                      "t2i_r5", "t2i_r10"))
+#: Most values a choice or grid may list.
+MAX_LIST_VALUES = 1000
+#: Most combinations of extreme values checked before a study (2 ** 10: ten ranges).
+MAX_PROBE_POINTS = 1024
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,6 +123,12 @@ def _param(path: str, key: str, spec: Any, option_types: dict[str, type]) -> Par
             raise ConfigError(f"{where}: {dist} takes only 'values', not {sorted(extra)}")
         if not isinstance(values, list) or not values:
             raise ConfigError(f"{where}: {dist} needs a non-empty list 'values'")
+        if len(values) > MAX_LIST_VALUES:
+            raise ConfigError(f"{where}: {len(values)} values; at most {MAX_LIST_VALUES}")
+        nested = [v for v in values if isinstance(v, (dict, list))]
+        if nested:
+            raise ConfigError(f"{where}: values must be scalars, not a "
+                              f"{type(nested[0]).__name__}")
         return ParamSpec(key, dist, values=tuple(values))
     if dist not in RANGE_DISTRIBUTIONS:
         raise ConfigError(f"{where}: unknown distribution {dist!r} (allowed: "
@@ -165,6 +183,11 @@ def load_space(path: str | os.PathLike, base_config: str | os.PathLike | None = 
                           "distribution")
     option_types = {key: type(default) for key, default, _, _ in iter_options()}
     specs = tuple(_param(path, str(k), v, option_types) for k, v in params.items())
+    points = math.prod(len(spec.probe_values()) for spec in specs)
+    if points > MAX_PROBE_POINTS:
+        raise ConfigError(f"{path}: its parameters' extreme values make {points} "
+                          f"combinations; at most {MAX_PROBE_POINTS} can be checked before "
+                          "a study (search fewer parameters, or list fewer values)")
     for spec in specs:
         for value in spec.probe_values():
             try:
@@ -178,3 +201,29 @@ def load_space(path: str | os.PathLike, base_config: str | os.PathLike | None = 
 def as_overrides(sampled: dict[str, Any]) -> list[str]:
     """Sampled values as dotted ``KEY=VALUE`` overrides for :func:`load_config`."""
     return [f"{key}={value}" for key, value in sampled.items()]
+
+
+def probe_points(space: TuneSpace, base_config: str | os.PathLike | None = None,
+                 overrides: Sequence[str] = ()) -> Iterator[tuple[dict[str, Any], Config]]:
+    """Every combination of the parameters' extreme values, as (sampled values, the
+    validated config of a trial that samples them).
+
+    Whatever a trial samples lies between these points, so what holds for all of them
+    (valid together, fits the data, fits the cluster) holds for every trial.
+
+    Raises:
+        ConfigError: a combination that is invalid, naming the file and the values.
+    """
+    keys = space.keys
+    for values in itertools.product(*(p.probe_values() for p in space.params)):
+        sampled = dict(zip(keys, values))
+        try:
+            cfg = load_config(base_config, [*overrides, *as_overrides(sampled)])
+        except ConfigError as exc:
+            raise ConfigError(f"{space.path}: a trial could sample {describe_point(sampled)}, "
+                              f"which is invalid: {exc}") from None
+        yield sampled, cfg
+
+
+def describe_point(sampled: dict[str, Any]) -> str:
+    return ", ".join(f"{k}={v}" for k, v in sampled.items())

@@ -6,7 +6,9 @@ import math
 
 from aoq.config.errors import ConfigError
 from aoq.config.model_catalog import known_models, model_traits
-from aoq.config.schema import Config, iter_options
+from aoq.config.names import experiment_problem, name_problem, tag_problem
+from aoq.config.schema import Config, ModelConfig, iter_options
+from aoq.storage import is_uri
 
 NEGATIVE_SOURCES = ("mine", "checkpoint:<path>", "tables:<path>")
 
@@ -14,6 +16,13 @@ NEGATIVE_SOURCES = ("mine", "checkpoint:<path>", "tables:<path>")
 def _field_problems(cfg: Config) -> list[str]:
     problems = []
     for key, value, _help, meta in iter_options(cfg):
+        identifier = meta.get("identifier")
+        if identifier:
+            problem = None if identifier == "optional" and not value else \
+                name_problem(key, value)
+            if problem:
+                problems.append(problem)
+            continue
         choices = meta.get("choices")
         if choices and value not in choices:
             problems.append(f"{key}={value!r}: must be one of {', '.join(map(repr, choices))}")
@@ -50,7 +59,7 @@ def _cross_problems(cfg: Config) -> list[str]:
     except ConfigError as exc:
         problems.append(str(exc))
         kind = "?"
-    if kind in ("checkpoint", "tables") and "://" in neg.source:
+    if kind in ("checkpoint", "tables") and is_uri(neg.source.partition(":")[2]):
         problems.append(f"negatives.source={neg.source!r}: must be a local or shared path "
                         "(tables are memory-mapped); copy it from the object store first")
     if neg.sampling_range > neg.k_captions:
@@ -71,8 +80,6 @@ def _cross_problems(cfg: Config) -> list[str]:
             f"{cfg.optim.epochs}, or loss.variant={loss.variant!r} would never see an offline "
             "negative"
         )
-    if cfg.model.gpo_pe_dim % 2:
-        problems.append(f"model.gpo_pe_dim={cfg.model.gpo_pe_dim}: must be even (sin/cos pairs)")
     if data.dataset == "scenes" and data.scenes.n_test % data.test_folds:
         problems.append(
             f"data.test_folds={data.test_folds}: must divide data.scenes.n_test="
@@ -85,15 +92,10 @@ def _cross_problems(cfg: Config) -> list[str]:
             f"negatives.k_captions={neg.k_captions}: the scenes train split has only "
             f"{data.scenes.n_train * data.captions_per_image} captions"
         )
-    names = known_models()
-    if not names:
-        raise RuntimeError("no models are registered: import aoq.models before validating a "
-                           "config (it registers every model's name and kind)")
+    problems += _model_cross_problems(cfg.model)
     traits = model_traits(cfg.model.name)
-    if traits is None:
-        problems.append(f"model.name={cfg.model.name!r}: must be one of "
-                        f"{', '.join(map(repr, names))}")
-    elif loss.variant != "triplet" and kind == "mine" and not traits.global_embedding:
+    if traits is not None and loss.variant != "triplet" and kind == "mine" and \
+            not traits.global_embedding:
         problems.append(
             f"negatives.source='mine': model.name={cfg.model.name!r} scores pairs by cross "
             "attention and has no global embedding to mine the whole training set with; "
@@ -103,8 +105,34 @@ def _cross_problems(cfg: Config) -> list[str]:
     return problems
 
 
+def _model_cross_problems(model: ModelConfig) -> list[str]:
+    problems = []
+    if model.gpo_pe_dim % 2:
+        problems.append(f"model.gpo_pe_dim={model.gpo_pe_dim}: must be even (sin/cos pairs)")
+    names = known_models()
+    if not names:
+        raise RuntimeError("no models are registered: import aoq.models before validating a "
+                           "config (it registers every model's name and kind)")
+    if model_traits(model.name) is None:
+        problems.append(f"model.name={model.name!r}: must be one of "
+                        f"{', '.join(map(repr, names))}")
+    return problems
+
+
+def model_problems(model: ModelConfig) -> list[str]:
+    """Every problem of a ``model`` section on its own (as a weights file stores it)."""
+    fields = [p for p in _field_problems(Config(model=model)) if p.startswith("model.")]
+    return fields + _model_cross_problems(model)
+
+
+def _tracking_problems(cfg: Config) -> list[str]:
+    problems = [tag_problem(k, v) for k, v in cfg.tracking.tags.items()]
+    problems.append(experiment_problem(cfg.tracking.experiment))
+    return [p for p in problems if p]
+
+
 def validate(cfg: Config) -> None:
     """Raise one ConfigError listing every problem, or return None if the config is sound."""
-    problems = _field_problems(cfg) + _cross_problems(cfg)
+    problems = _field_problems(cfg) + _cross_problems(cfg) + _tracking_problems(cfg)
     if problems:
         raise ConfigError("invalid config:\n  - " + "\n  - ".join(problems))

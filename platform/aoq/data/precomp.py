@@ -39,12 +39,22 @@ __all__ = [
     "write_precomp",
 ]
 
+#: Largest region count and feature size accepted: a batch holds batch x regions x dim
+#: floats, so these bound a worker's memory (bottom-up features: 36 x 2048).
+MAX_REGIONS = 1024
+MAX_FEATURE_DIM = 16384
+
 #: The feature dtypes accepted on disk (native byte order).
 FEATURE_DTYPES: tuple[np.dtype[Any], ...] = (np.dtype(np.float32), np.dtype(np.float16))
 
 # Upper bound on the bytes of features looked at per step of the finiteness check, so
 # checking a 33 GB memmap needs ~64 MB (+ a quarter of that for the bool mask) of RAM.
 _FINITE_CHUNK_BYTES = 64 * 1024 * 1024
+
+#: The longest caption line accepted by default, in bytes (COCO's longest is a few
+#: hundred); the config option ``data.max_caption_bytes`` has the same default. A line
+#: is never read further than this, so one huge line cannot exhaust memory.
+MAX_CAPTION_BYTES = 4096
 
 _NPY_MAGIC = b"\x93NUMPY"
 _ZIP_MAGIC = b"PK\x03\x04"
@@ -130,6 +140,7 @@ def read_precomp(
     captions_per_image: int = 5,
     check_finite: bool = True,
     progress: bool = False,
+    max_caption_bytes: int = MAX_CAPTION_BYTES,
 ) -> PrecompSplit:
     """Open and validate one split of a precomp directory.
 
@@ -143,6 +154,9 @@ def read_precomp(
         check_finite: scan every feature for NaN/Inf (one sequential pass over the file).
             Turn off only for a file already checked, e.g. on a re-open.
         progress: show a tqdm bar during the finiteness scan.
+        max_caption_bytes: the longest caption line accepted (UTF-8 bytes, without the
+            line ending). Only ``captions_per_image * n_images`` captions are kept in
+            memory; extra lines are counted, not stored.
 
     Returns:
         A :class:`PrecompSplit` whose ``images`` is a read-only memmap of shape
@@ -153,7 +167,7 @@ def read_precomp(
         DataError: a file is missing, unreadable, malformed, not UTF-8, has a blank
             caption, non-finite features, or the counts disagree. The message names the
             file (and the 1-based line for caption errors).
-        ValueError: invalid ``split`` or ``captions_per_image`` arguments.
+        DataError: an invalid ``split`` name; ValueError: invalid ``captions_per_image``.
     """
     _check_split_name(split)
     _check_captions_per_image(captions_per_image)
@@ -178,21 +192,27 @@ def read_precomp(
         )
 
     images = _open_features(ims_path)
-    captions = [text for _, text in iter_caption_lines(caps_path)]
-
     n_images = int(images.shape[0])
     expected = captions_per_image * n_images
-    if len(captions) != expected:
-        diff = len(captions) - expected
+    captions: list[str] = []
+    extra = 0
+    for _, text in iter_caption_lines(caps_path, max_bytes=max_caption_bytes):
+        if len(captions) < expected:
+            captions.append(text)
+        else:
+            extra += 1
+    n_lines = len(captions) + extra
+    if n_lines != expected:
+        diff = n_lines - expected
         if diff > 0:
             wrong = f"{diff} caption line{'s' if diff != 1 else ''} too many"
         else:
             wrong = f"{-diff} caption line{'s' if diff != -1 else ''} missing"
         fits = ""
-        if len(captions) % captions_per_image == 0:
-            fits = f" (the captions would fit {len(captions) // captions_per_image} images)"
+        if n_lines % captions_per_image == 0:
+            fits = f" (the captions would fit {n_lines // captions_per_image} images)"
         raise DataError(
-            f"{len(captions)} captions for {n_images} images in {ims_path}: expected "
+            f"{n_lines} captions for {n_images} images in {ims_path}: expected "
             f"{expected} ({captions_per_image} per image), {wrong}{fits}; a wrong count "
             "would shift every later image-caption pair, so the split is refused",
             path=caps_path,
@@ -210,7 +230,8 @@ def read_precomp(
     )
 
 
-def iter_caption_lines(path: str | os.PathLike[str]) -> Iterator[tuple[int, str]]:
+def iter_caption_lines(path: str | os.PathLike[str], *, max_bytes: int = MAX_CAPTION_BYTES
+                       ) -> Iterator[tuple[int, str]]:
     """Yield ``(line_number, caption)`` for every line of a caption file, strictly.
 
     Lines are split on ``\\n`` only and decoded one by one as UTF-8; a trailing ``\\r\\n``
@@ -221,10 +242,15 @@ def iter_caption_lines(path: str | os.PathLike[str]) -> Iterator[tuple[int, str]
     Line numbers are 1-based. Shared by :func:`read_precomp` and any other reader of
     caption text (e.g. a vocabulary builder) so they agree on what a caption is.
 
+    Args:
+        max_bytes: the longest line accepted, without its line ending; a line is never
+            read further than that.
+
     Raises:
-        DataError: the file is missing or unreadable, a line is not valid UTF-8, is blank
-            (empty or whitespace only), or holds a carriage return before its end (a
-            sign of old Mac ``\\r`` line endings, which would merge captions).
+        DataError: the file is missing or unreadable, a line is longer than
+            ``max_bytes``, is not valid UTF-8, is blank (empty or whitespace only), or
+            holds a carriage return before its end (a sign of old Mac ``\\r`` line
+            endings, which would merge captions).
     """
     path = Path(path)
     try:
@@ -233,11 +259,12 @@ def iter_caption_lines(path: str | os.PathLike[str]) -> Iterator[tuple[int, str]
         raise DataError("caption file does not exist", path=path) from None
     except OSError as exc:
         raise DataError(f"cannot open caption file: {exc.strerror or exc}", path=path) from None
+    limit = max_bytes + 2  # room for a CRLF ending
     with fh:
         line_no = 0
         while True:
             try:
-                raw = fh.readline()
+                raw = fh.readline(limit)
             except OSError as exc:
                 raise DataError(
                     f"read failed: {exc.strerror or exc}", path=path, line=line_no + 1
@@ -245,10 +272,15 @@ def iter_caption_lines(path: str | os.PathLike[str]) -> Iterator[tuple[int, str]
             if not raw:
                 return
             line_no += 1
+            whole = raw.endswith(b"\n") or len(raw) < limit
             if raw.endswith(b"\r\n"):
                 raw = raw[:-2]
             elif raw.endswith(b"\n"):
                 raw = raw[:-1]
+            if not whole or len(raw) > max_bytes:
+                raise DataError(
+                    f"caption line longer than {max_bytes} bytes (the limit, "
+                    "data.max_caption_bytes)", path=path, line=line_no)
             try:
                 text = raw.decode("utf-8")
             except UnicodeDecodeError as exc:
@@ -366,6 +398,10 @@ def _check_feature_layout(path: Path, shape: tuple[int, ...], dtype: np.dtype[An
         raise DataError(f"no images: features have shape {shape}", path=path)
     if shape[1] == 0 or shape[2] == 0:
         raise DataError(f"empty regions or feature dimension: shape {shape}", path=path)
+    if shape[1] > MAX_REGIONS or shape[2] > MAX_FEATURE_DIM:
+        raise DataError(f"{shape[1]} regions x {shape[2]} dimensions per image; at most "
+                        f"{MAX_REGIONS} x {MAX_FEATURE_DIM} (a batch holds batch x regions x "
+                        "dimensions floats)", path=path)
 
 
 def _check_finite(images: np.ndarray, path: Path, *, progress: bool) -> None:
@@ -417,9 +453,10 @@ def _splits_in(directory: Path) -> list[str]:
 
 def _check_split_name(split: str) -> None:
     if not isinstance(split, str) or not split:
-        raise ValueError(f"split must be a non-empty string, got {split!r}")
-    if "/" in split or os.sep in split or (os.altsep and os.altsep in split):
-        raise ValueError(f"split must be a bare name, not a path: {split!r}")
+        raise DataError(f"split must be a non-empty string, got {split!r}")
+    if "/" in split or os.sep in split or (os.altsep and os.altsep in split) or \
+            split in (".", ".."):
+        raise DataError(f"split must be a bare name, not a path: {split!r}")
 
 
 def _check_captions_per_image(captions_per_image: int) -> None:
@@ -462,7 +499,7 @@ def write_precomp(
     Raises:
         DataError: invalid images or captions (naming the target file, and for a caption
             the line it would have had).
-        ValueError: invalid ``split`` or ``captions_per_image``.
+        DataError / ValueError: an invalid ``split`` / ``captions_per_image``.
     """
     _check_split_name(split)
     _check_captions_per_image(captions_per_image)

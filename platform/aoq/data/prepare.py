@@ -40,6 +40,24 @@ class SplitInfo:
 
 
 @dataclass(frozen=True)
+class DataSignature:
+    """What a model's weights depend on in the data: the vocabulary (its words, in
+    order, not only their number) and the shape of an image's features. Stored with
+    the weights so that a checkpoint is used only with data it fits.
+
+    Attributes:
+        vocab_size: words including the 4 specials.
+        vocab_fingerprint: :meth:`aoq.data.text.Vocabulary.fingerprint` of the words.
+        n_regions, feature_dim: an image's features are (n_regions, feature_dim).
+    """
+
+    vocab_size: int
+    vocab_fingerprint: str
+    n_regions: int
+    feature_dim: int
+
+
+@dataclass(frozen=True)
 class PreparedData:
     """Everything a worker needs to open the data, as plain values."""
 
@@ -48,10 +66,17 @@ class PreparedData:
     vocab_size: int
     captions_per_image: int
     splits: dict[str, SplitInfo]
+    vocab_fingerprint: str = ""
 
     @property
     def feature_dim(self) -> int:
         return next(iter(self.splits.values())).feature_dim
+
+    @property
+    def signature(self) -> DataSignature:
+        first = next(iter(self.splits.values()))
+        return DataSignature(self.vocab_size, self.vocab_fingerprint, first.n_regions,
+                             first.feature_dim)
 
 
 @dataclass(frozen=True)
@@ -109,7 +134,8 @@ def _read_split(directory: Path, split: str, cfg, cache_dir: Path, progress: boo
         except (OSError, ValueError):
             done = False
     data = read_precomp(directory, split, captions_per_image=cfg.captions_per_image,
-                        check_finite=not done, progress=progress)
+                        check_finite=not done, progress=progress,
+                        max_caption_bytes=cfg.max_caption_bytes)
     if not done:
         stamp_file.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(stamp_file, json.dumps(_stamp(features)))
@@ -140,6 +166,19 @@ def _settle_vocabulary(cfg, train, token_dir: Path) -> tuple[Vocabulary, Path, l
     return vocab, path, tokens
 
 
+def _check_token_counts(split, tokens_path: Path, max_tokens: int) -> None:
+    """Refuse a caption with more than ``max_tokens`` tokens, naming its file and line
+    (caption j is line j + 1: every line is a caption). A batch is padded to its
+    longest caption, so one huge caption would blow up every step that draws it."""
+    lengths = read_cache(tokens_path).lengths - 2  # <start> and <end>
+    over = np.flatnonzero(lengths > max_tokens)
+    if len(over):
+        j = int(over[0])
+        raise DataError(f"caption has {int(lengths[j])} tokens; at most {max_tokens} "
+                        f"(data.max_caption_tokens); {len(over)} caption(s) of the split "
+                        "are longer", path=split.captions_path, line=j + 1)
+
+
 def prepare_data(cfg, *, progress: bool = True) -> PreparedData:
     """Validate train/dev/test, settle the vocabulary and cache tokenized captions.
 
@@ -168,10 +207,11 @@ def prepare_data(cfg, *, progress: bool = True) -> PreparedData:
         tokens_path = cached_tokens(
             token_dir, name, split.captions_path, split.captions, vocab,
             token_lists=train_tokens if name == cfg.train_split else None)
+        _check_token_counts(split, tokens_path, cfg.max_caption_tokens)
         infos[name] = SplitInfo(name, split.n_images, split.n_regions, split.feature_dim,
                                 str(tokens_path))
     return PreparedData(str(directory), str(vocab_path), len(vocab), cfg.captions_per_image,
-                        infos)
+                        infos, vocab_fingerprint=vocab.fingerprint())
 
 
 def open_split(prepared: PreparedData, split: str) -> SplitArrays:

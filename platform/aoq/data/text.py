@@ -20,6 +20,11 @@ from aoq.data.errors import DataError
 
 PAD, START, END, UNK = "<pad>", "<start>", "<end>", "<unk>"
 SPECIALS = (PAD, START, END, UNK)  # ids 0..3, fixed by the SCAN layout
+#: COCO's SCAN vocabulary file is about 0.5 MB; a file far larger is not a vocabulary,
+#: and reading it whole must not be able to exhaust memory.
+MAX_VOCAB_FILE_BYTES = 64 << 20
+#: COCO has 11,353 words, Flickr30K 8,481; a million is far beyond any caption set.
+MAX_VOCAB_WORDS = 1_000_000
 
 
 @lru_cache(maxsize=1)
@@ -93,11 +98,20 @@ class Vocabulary:
         """
         path = Path(path)
         try:
+            if not path.is_file():
+                raise DataError("vocabulary file not found" if not path.exists() else
+                                "not a regular file (a vocabulary is a JSON file)", path=path)
+            size = path.stat().st_size
+            if size > MAX_VOCAB_FILE_BYTES:
+                raise DataError(f"{size} bytes; a vocabulary file is at most "
+                                f"{MAX_VOCAB_FILE_BYTES} bytes", path=path)
             data = json.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise DataError("vocabulary file not found", path=path) from None
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise DataError(f"not a JSON vocabulary file ({exc})", path=path) from None
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+            raise DataError(f"not a JSON vocabulary file ({type(exc).__name__})", path=path
+                            ) from None
+        except OSError as exc:
+            raise DataError(f"cannot read the vocabulary file ({exc.strerror or exc})",
+                            path=path) from None
         if not isinstance(data, dict) or "word2idx" not in data:
             raise DataError('expected SCAN layout {"word2idx": ..., "idx2word": ..., "idx": N}',
                             path=path)
@@ -105,9 +119,13 @@ class Vocabulary:
         if not isinstance(word2idx, dict) or not word2idx:
             raise DataError("word2idx must be a non-empty mapping", path=path)
         size = len(word2idx)
+        if size > MAX_VOCAB_WORDS:
+            raise DataError(f"{size} words; a vocabulary has at most {MAX_VOCAB_WORDS} (its "
+                            "embedding table is vocabulary x word_dim)", path=path)
         words: list[str | None] = [None] * size
         for word, idx in word2idx.items():
-            if not isinstance(idx, int) or not 0 <= idx < size or words[idx] is not None:
+            if isinstance(idx, bool) or not isinstance(idx, int) or not 0 <= idx < size or \
+                    words[idx] is not None:
                 raise DataError(f"word2idx[{word!r}]={idx!r}: ids must be 0..{size - 1}, "
                                 "each used once", path=path)
             words[idx] = word

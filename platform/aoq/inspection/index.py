@@ -112,14 +112,13 @@ def open_index(checkpoint: str | os.PathLike, prepared: PreparedData, split: str
         progress: progress bars while encoding.
 
     Raises:
-        DataError: an unknown split, or a checkpoint trained on other data.
-        CheckpointError: a missing or unreadable checkpoint.
+        DataError: an unknown split.
+        CheckpointError: a missing or unreadable checkpoint, or one trained on other data.
     """
     if split not in prepared.splits:
         raise DataError(f"no split {split!r} here (prepared: {sorted(prepared.splits)}); "
                         "set data.test_split (or data.dev_split) to it", path=prepared.directory)
-    model, record = load_model_for(checkpoint, vocab_size=prepared.vocab_size,
-                                   img_dim=prepared.feature_dim)
+    model, record = load_model_for(checkpoint, prepared.signature)
     arrays = open_split(prepared, split)
     where = Path(cache_dir) / "index" / index_key(checkpoint, prepared, split)
     if (where / META_FILE).is_file():

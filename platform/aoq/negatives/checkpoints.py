@@ -9,9 +9,9 @@ from typing import Any
 import numpy as np
 
 from aoq.data.errors import DataError
-from aoq.data.prepare import SplitArrays
-from aoq.negatives.from_model import mine_from_model
+from aoq.data.prepare import DataSignature, SplitArrays
 from aoq.models.files import load_model_for
+from aoq.negatives.from_model import mine_from_model
 
 
 def mine_from_checkpoint(
@@ -20,18 +20,27 @@ def mine_from_checkpoint(
     neg_cfg: Any,
     *,
     vocab_size: int,
+    vocab_fingerprint: str = "",
     progress: bool = False,
 ) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
     """Tables of ``split`` under the model stored at ``path`` (a ``best_model.pt``).
 
     Args:
         neg_cfg: the ``negatives`` config section (K's and block size).
-        vocab_size: the data's vocabulary size; the checkpoint must match it.
+        vocab_size, vocab_fingerprint: the data's vocabulary
+            (``PreparedData.vocab_size`` / ``.vocab_fingerprint``); the checkpoint must
+            have been trained with it (:func:`aoq.models.files.check_fits_data`).
 
     Returns:
         (i2t, t2i, metadata for the table version).
+
+    Raises:
+        CheckpointError: not a model file, or one for other data.
+        DataError: a cross-attention model, which cannot mine.
     """
-    model, record = load_model_for(path, vocab_size=vocab_size, img_dim=split.images.shape[2])
+    _, n_regions, feature_dim = split.images.shape
+    model, record = load_model_for(path, DataSignature(vocab_size, vocab_fingerprint,
+                                                       n_regions, feature_dim))
     if not model.has_global_embedding:
         raise DataError(
             f"a {record['model_config'].get('name')!r} model scores pairs by cross attention "

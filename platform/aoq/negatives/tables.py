@@ -27,6 +27,8 @@ from aoq.atomic import atomic_write, atomic_write_text, fsync_directory
 from aoq.data.errors import DataError
 
 _VERSION_DIR = re.compile(r"^v(\d{4,})$")
+#: A version's meta.json holds a few fields; anything far larger is not one.
+MAX_META_BYTES = 1 << 20
 #: Rows checked per step when validating ids (bounded memory on COCO-sized tables).
 _CHECK_ROWS = 1 << 16
 
@@ -155,8 +157,12 @@ def load_tables(
                             "version directories)", path=path)
         path = version_dir(path, versions[-1])
     try:
+        if (path / "meta.json").stat().st_size > MAX_META_BYTES:
+            raise ValueError(f"over {MAX_META_BYTES} bytes")
         meta = json.loads((path / "meta.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
+        if not isinstance(meta, dict):
+            raise ValueError("not a JSON object")
+    except (OSError, ValueError, RecursionError) as exc:
         raise DataError(f"unreadable table metadata ({exc})", path=path / "meta.json") from None
     i2t = _load_ids(path / "i2t.npy", "i2t")
     t2i = _load_ids(path / "t2i.npy", "t2i")

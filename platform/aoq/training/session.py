@@ -221,6 +221,8 @@ class TrainingSession:
     def _save_best(self, epoch: int, rsum: float) -> None:
         record = model_record(self.cfg.model, self.core, vocab_size=self.prepared.vocab_size,
                               img_dim=self.prepared.feature_dim,
+                              vocab_fingerprint=self.prepared.vocab_fingerprint,
+                              n_regions=self.prepared.signature.n_regions,
                               vocab_path=self.prepared.vocab_path, epoch=epoch, dev_rsum=rsum)
         save_file(self.output_dir / BEST_MODEL_FILE, record)
         self.storage.push(self.output_dir / BEST_MODEL_FILE)
