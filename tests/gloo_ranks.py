@@ -2,17 +2,18 @@
 running the real :class:`~aoq.training.session.TrainingSession` with its model in DDP.
 
 What Ray Train does for a job, minus Ray: start N ranks, join them in a process group,
-wrap the model in DistributedDataParallel. Tables follow the ``mine`` schedule of a
-job with ``negatives.pool_actors=0``: after ``mine_after`` epochs rank 0 mines from its
-current weights, saves the version, and every rank switches to it.
+wrap the model in DistributedDataParallel. Several jobs run one after another in the
+same ranks, so a test module pays for starting them once.
 
-Imported by the spawned ranks, so it imports nothing from conftest (which starts
-nothing, but imports Ray and MLflow).
+Imported by the spawned ranks, so it imports nothing from conftest (which imports Ray
+and MLflow).
 """
 
 from __future__ import annotations
 
+import itertools
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -21,59 +22,72 @@ from torch.nn.parallel import DistributedDataParallel
 
 from aoq.config import Config
 from aoq.data.prepare import PreparedData
-from aoq.negatives.from_model import mine_from_model
-from aoq.negatives.tables import load_tables, save_tables
+from aoq.negatives.tables import load_tables
 from aoq.storage import RunStorage
-from aoq.training import distributed
 from aoq.training.session import TrainingSession
+from aoq.training.steps import train_epoch
 
 
-def train(rank: int, world: int, cfg: Config, prepared: PreparedData, out: str,
-          tables: str | None = None, mine_after: int | None = None) -> dict[str, torch.Tensor]:
-    """Train ``cfg.optim.epochs`` epochs as rank ``rank`` of ``world``; returns the final
-    weights (rank 0 also saves them to ``<out>/weights.pt``).
+@dataclass(frozen=True)
+class RankJob:
+    """One training run on every rank.
 
-    ``tables``: a table version directory to train with from the start; ``mine_after``:
-    mine tables from rank 0's model after that many epochs instead.
+    Attributes:
+        cfg: the config (``optim.batch_size`` and ``batch_scope`` as the job means them).
+        tables: a table version directory to train with from the first step, or None.
+        steps: train only the first ``steps`` steps of epoch 0 (0: every epoch).
+        gradients: return the last step's gradients instead of the weights
+            (``optim.grad_clip`` should be 0 so they are the raw ones).
     """
-    torch.set_num_threads(1)
-    root = Path(out)
-    session = TrainingSession(cfg, prepared,
-                              RunStorage(str(root / f"rank{rank}"), "run", cfg.data.cache_dir),
+
+    cfg: Config
+    tables: str | None = None
+    steps: int = 0
+    gradients: bool = False
+
+
+def run_job(job: RankJob, rank: int, world: int, prepared: PreparedData, out: Path
+            ) -> dict[str, torch.Tensor]:
+    """Run ``job`` as rank ``rank`` of ``world`` (a process group must exist when
+    ``world > 1``); returns the final weights, or the last step's gradients."""
+    cfg = job.cfg
+    session = TrainingSession(cfg, prepared, RunStorage(str(out / f"rank{rank}"), "run",
+                                                        cfg.data.cache_dir),
                               rank=rank, world=world)
     session.build(DistributedDataParallel if world > 1 else (lambda model: model))
-    if tables is not None:
-        session.set_tables(load_tables(tables), None)
-    for epoch in range(cfg.optim.epochs):
-        if epoch == mine_after:
-            def mine() -> str:
-                i2t, t2i = mine_from_model(session.core, session.train_split,
-                                           k_captions=cfg.negatives.k_captions,
-                                           k_images=cfg.negatives.k_images)
-                return str(save_tables(root / "tables", 1, i2t, t2i, epoch=epoch))
-
-            session.set_tables(load_tables(distributed.rank_zero_value(rank, mine)), epoch)
-        session.run_epoch(epoch)
-    weights = {k: v.detach().clone() for k, v in session.core.state_dict().items()}
-    if rank == 0:
-        torch.save(weights, root / "weights.pt")
-    return weights
+    if job.tables is not None:
+        session.set_tables(load_tables(job.tables), None)
+    if job.steps:
+        session.sampler.set_epoch(0)
+        train_epoch(session.model, itertools.islice(session.loader, job.steps),
+                    session.loss_for(0), session.optimizer, grad_clip=cfg.optim.grad_clip,
+                    device=torch.device("cpu"), gather=session.global_batch)
+    else:
+        for epoch in range(cfg.optim.epochs):
+            session.run_epoch(epoch)
+    if job.gradients:
+        return {name: p.grad.detach().clone() for name, p in session.core.named_parameters()}
+    return {k: v.detach().clone() for k, v in session.core.state_dict().items()}
 
 
-def _rank_main(rank: int, world: int, port: int, args: tuple) -> None:
+def _rank_main(rank: int, world: int, port: int, prepared: PreparedData, out: str,
+               jobs: list[RankJob]) -> None:
+    torch.set_num_threads(1)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
-        train(rank, world, *args)
+        results = [run_job(job, rank, world, prepared, Path(out) / f"job{i}")
+                   for i, job in enumerate(jobs)]
     finally:
         dist.destroy_process_group()
+    if rank == 0:
+        torch.save(results, Path(out) / "results.pt")
 
 
-def train_ranks(world: int, port: int, cfg: Config, prepared: PreparedData, out: Path,
-                tables: str | None = None, mine_after: int | None = None
-                ) -> dict[str, torch.Tensor]:
-    """:func:`train` on ``world`` spawned ranks; returns rank 0's final weights."""
+def spawn_jobs(world: int, port: int, prepared: PreparedData, out: Path,
+               jobs: list[RankJob]) -> list[dict[str, torch.Tensor]]:
+    """:func:`run_job` for each job, on ``world`` spawned ranks; rank 0's results."""
     torch.multiprocessing.start_processes(
-        _rank_main, args=(world, port, (cfg, prepared, str(out), tables, mine_after)),
-        nprocs=world, start_method="spawn")
-    return torch.load(out / "weights.pt", weights_only=True)
+        _rank_main, args=(world, port, prepared, str(out), jobs), nprocs=world,
+        start_method="spawn")
+    return torch.load(out / "results.pt", weights_only=True)
