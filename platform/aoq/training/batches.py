@@ -61,9 +61,9 @@ class Batch:
     caption block 1 is T_off and block 2 is P_cap. One forward pass encodes all of them.
 
     Without slot maps, the rows of ``regions`` and ``tokens`` are the slots. With them,
-    the rows are the *distinct* images and captions of the step (anchors and offline
-    partners overlap: near-miss negatives of one anchor are often the same image), the
-    first b rows being the anchors in order, and ``image_slots[s]`` /
+    the rows are the *distinct* images and captions of the step (slots can repeat an
+    item: I_off can be P_img, P_cap can be T_off, a partner can be another pair's
+    anchor), the first b rows being the anchors in order, and ``image_slots[s]`` /
     ``caption_slots[s]`` is the row that slot s reads.
 
     Attributes:
