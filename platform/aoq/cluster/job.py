@@ -118,8 +118,12 @@ def check_config_against_data(cfg: Config, prepared: PreparedData) -> None:
     if test.n_images % cfg.data.test_folds:
         problems.append(f"data.test_folds={cfg.data.test_folds}: must divide the "
                         f"{test.n_images} test images")
-    per_rank = cpi * train.n_images // cfg.run.num_workers
-    if per_rank < cfg.optim.batch_size:
+    pairs = cpi * train.n_images
+    if cfg.optim.batch_scope == "global" and pairs < cfg.optim.batch_size:
+        problems.append(f"optim.batch_size={cfg.optim.batch_size}: the training split has "
+                        f"only {pairs} pairs, less than one global batch")
+    per_rank = pairs // cfg.run.num_workers
+    if cfg.optim.batch_scope == "worker" and per_rank < cfg.optim.batch_size:
         problems.append(f"optim.batch_size={cfg.optim.batch_size}: each of the "
                         f"{cfg.run.num_workers} workers sees only {per_rank} pairs per epoch")
     if problems:

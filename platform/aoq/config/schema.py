@@ -237,8 +237,16 @@ class OptimConfig:
 
     epochs: int = opt(10, "training epochs", min=1, max=100_000)
     batch_size: int = opt(
-        128, "pairs per worker per step; in-batch negatives come from this batch", min=2
+        128, "pairs per step over all workers (the global batch): each of the "
+        "run.num_workers workers takes batch_size / num_workers, which must be a whole "
+        "number, and every pair's in-batch negatives are all the others, so 1 or N workers "
+        "train the same loss (with batch_scope=worker: pairs per worker)", min=2
     )
+    batch_scope: str = opt(
+        "global", "global: batch_size is the whole step's, split over the workers, with "
+        "encodings gathered across them; worker: each worker takes its own batch of "
+        "batch_size and sees only it as negatives (no gather; what a run means then "
+        "depends on run.num_workers)", choices=("global", "worker"))
     lr: float = opt(5e-4, "Adam learning rate", gt=0.0)
     lr_decay_epochs: int = opt(7, "multiply the lr by lr_decay_gamma every N epochs", min=1)
     lr_decay_gamma: float = opt(0.1, "step decay factor", gt=0.0, max=1.0)

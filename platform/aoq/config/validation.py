@@ -80,6 +80,11 @@ def _cross_problems(cfg: Config) -> list[str]:
             f"{cfg.optim.epochs}, or loss.variant={loss.variant!r} would never see an offline "
             "negative"
         )
+    optim, workers = cfg.optim, cfg.run.num_workers
+    if optim.batch_scope == "global" and workers >= 1 and optim.batch_size % workers:
+        problems.append(
+            f"optim.batch_size={optim.batch_size}: must be divisible by run.num_workers="
+            f"{workers} (it is the global batch; each worker takes batch_size / num_workers)")
     if data.dataset == "scenes" and data.scenes.n_test % data.test_folds:
         problems.append(
             f"data.test_folds={data.test_folds}: must divide data.scenes.n_test="

@@ -21,6 +21,11 @@ class RetrievalModel(nn.Module):
     #: True when an encoding is one vector per item, so top-K mining can use dot products.
     has_global_embedding: bool = True
 
+    #: True when, in training, an item's encoding depends on that item alone (no batch
+    #: statistics, no random augmentation): a step may then encode each distinct image
+    #: and caption once for every place it fills, with the same loss.
+    encodes_items_independently: bool = True
+
     def encode_images(self, regions: torch.Tensor) -> torch.Tensor:
         """(B, R, D_img) region features -> image encodings (B, ...)."""
         raise NotImplementedError

@@ -86,6 +86,8 @@ class VSEGPO(RetrievalModel):
     """Global embeddings pooled by GPO; scores are cosine similarities."""
 
     has_global_embedding = True
+    # BatchNorm over the batch in the region MLP; random region and word dropout.
+    encodes_items_independently = False
 
     def __init__(self, cfg: ModelConfig, vocab_size: int, img_dim: int) -> None:
         super().__init__()

@@ -118,6 +118,7 @@ class VSRN(RetrievalModel):
     """Region-relation GCN + GRU image encoder, GRU caption encoder, auxiliary captioner."""
 
     has_global_embedding = True
+    encodes_items_independently = False  # BatchNorm over the batch in the GCN
 
     def __init__(self, cfg: ModelConfig, vocab_size: int, img_dim: int) -> None:
         super().__init__()

@@ -51,8 +51,9 @@ def draw_offline(
         i2t: (n_images, K_c) candidate captions per image, best first (may be a memmap).
         t2i: (n_captions, K_i) candidate images per caption, best first.
         sampling_range: h; requires h <= K_c and ceil(h / cpi) <= K_i.
-        rng: the generator; the caller seeds it from (seed, epoch, rank, step) so that
-            draws are reproducible and independent of loader processes.
+        rng: the generator; the caller seeds it from where the draw is in training
+            (:func:`sampling_rng`, :func:`epoch_sampling_rng`) so that draws are
+            reproducible and independent of loader processes.
 
     Raises:
         CorruptTableError: if a table hands back a positive as a negative.
@@ -102,3 +103,10 @@ def sampling_rng(seed: int, epoch: int, rank: int, step: int) -> np.random.Gener
     """The generator for one batch: a pure function of where the batch is in training,
     so a resumed run (or a loader subprocess) draws exactly what the original did."""
     return np.random.default_rng([_DOMAIN, seed, epoch, rank, step])
+
+
+def epoch_sampling_rng(seed: int, epoch: int) -> np.random.Generator:
+    """The generator for one epoch's draws of *every* caption of the split, in caption
+    order: with it, the draw of pair j is a function of (seed, epoch, j) alone, whichever
+    rank, step or loader process asks for it."""
+    return np.random.default_rng([_DOMAIN, seed, epoch])

@@ -1,4 +1,5 @@
-"""Rank communication for a training job: broadcast and barrier, and nothing else.
+"""Rank communication for a training job: broadcast, barrier, and gathering a step's
+encodings and scores across ranks with their gradients.
 
 Kept apart from the training code (as open_clip keeps ``distributed.py`` apart from
 ``train.py``) so that the session reads as single-process code: every helper here is a
@@ -11,7 +12,12 @@ from __future__ import annotations
 
 from typing import Any, TypeVar
 
+import torch
 import torch.distributed as dist
+# The differentiable collectives torch 2.13 points to (its torch.distributed.nn
+# all_gather is deprecated, and on gloo runs its backward as N scatters: ~8x slower).
+import torch.distributed._functional_collectives as collectives
+import torch.nn.functional as F
 
 T = TypeVar("T")
 
@@ -34,6 +40,33 @@ def barrier() -> None:
     """Wait until every rank gets here."""
     if is_distributed():
         dist.barrier()
+
+
+def all_gather_with_grad(x: torch.Tensor) -> torch.Tensor:
+    """Every rank's (n, ...) ``x``, concatenated in rank order: (world * n, ...).
+
+    Differentiable: the backward pass sums, for each rank's ``x``, the gradients every
+    rank computed for its slice (a reduce-scatter). Every rank must pass the same shape.
+    """
+    if not is_distributed():
+        return x
+    gathered = collectives.all_gather_single(x.contiguous(), 0, dist.group.WORLD)
+    return collectives.wait_tensor(gathered)
+
+
+def all_gather_padded(x: torch.Tensor) -> torch.Tensor:
+    """:func:`all_gather_with_grad` for (n, L, ...) tensors whose length L differs
+    between ranks: each is zero-padded along dim 1 to the longest first (one small
+    all-reduce), so the result is (world * n, max L, ...)."""
+    if not is_distributed():
+        return x
+    longest = torch.tensor([x.shape[1]], device=x.device)
+    dist.all_reduce(longest, op=dist.ReduceOp.MAX)
+    pad = int(longest) - x.shape[1]
+    if pad:
+        # F.pad lists (before, after) pairs from the last dim backwards.
+        x = F.pad(x, (0, 0) * (x.dim() - 2) + (0, pad))
+    return all_gather_with_grad(x)
 
 
 def rank_zero_value(rank: int, compute: Any) -> Any:

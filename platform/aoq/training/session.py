@@ -36,7 +36,9 @@ from aoq.models.files import load_file, model_record, save_file
 from aoq.negatives.schedule import loss_config_for_epoch
 from aoq.negatives.tables import CandidateTables
 from aoq.storage import RunStorage
-from aoq.training.batches import EpochBatchSampler, PairDataset, make_loader
+from aoq.training.batches import (
+    EpochBatchSampler, GlobalBatchSampler, PairDataset, make_loader,
+)
 from aoq.training.memory import MemoryWatch
 from aoq.training.optim import build_optimizer
 from aoq.training.run_files import (
@@ -109,12 +111,22 @@ class TrainingSession:
         core = build_model(cfg.model, self.prepared.vocab_size, self.prepared.feature_dim)
         self.model = prepare_model(core)
         self.optimizer, self.scheduler = build_optimizer(cfg.optim, self.model)
+        # A global batch is the same pairs with the same offline draws for any number of
+        # ranks; a per-worker batch is each rank's own (see aoq.training.batches).
+        sampler_class = GlobalBatchSampler if self.global_batch else EpochBatchSampler
         self.dataset = PairDataset(self.train_split, seed=cfg.run.seed, rank=self.rank,
-                                   sampling_range=cfg.negatives.sampling_range)
-        self.sampler = EpochBatchSampler(len(self.dataset), cfg.optim.batch_size,
-                                         rank=self.rank, world=self.world, seed=cfg.run.seed)
+                                   sampling_range=cfg.negatives.sampling_range,
+                                   draws="pair" if self.global_batch else "batch",
+                                   deduplicate=core.encodes_items_independently)
+        self.sampler = sampler_class(len(self.dataset), cfg.optim.batch_size,
+                                     rank=self.rank, world=self.world, seed=cfg.run.seed)
         self.loader = make_loader(self.dataset, self.sampler, cfg.data.loader_workers,
                                   pin_memory=self.device.type == "cuda")
+
+    @property
+    def global_batch(self) -> bool:
+        """Whether ``optim.batch_size`` is the whole step's batch over all ranks."""
+        return self.cfg.optim.batch_scope == "global"
 
     @property
     def core(self) -> RetrievalModel:
@@ -167,7 +179,7 @@ class TrainingSession:
             return None
         every = max(1, total_steps // 4)
         start = time.perf_counter()
-        global_batch = self.cfg.optim.batch_size * self.world
+        global_batch = self.cfg.optim.batch_size * (1 if self.global_batch else self.world)
 
         def on_step(step: int, loss: float) -> None:
             if step % every == 0 or step == total_steps:
@@ -190,7 +202,7 @@ class TrainingSession:
                             grad_clip=self.cfg.optim.grad_clip, device=self.device,
                             on_step=self._progress(epoch, len(self.sampler)),
                             hardness_samples=HARDNESS_SAMPLES if self.rank == 0 else 0,
-                            memory=self.memory)
+                            memory=self.memory, gather=self.global_batch)
         lr = self.optimizer.param_groups[0]["lr"]
         self.scheduler.step()
         metrics: dict[str, float] = {"epoch": epoch, "lr": lr, **stats.as_metrics(),

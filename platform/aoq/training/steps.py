@@ -1,8 +1,25 @@
 """One training step and one training epoch, independent of Ray.
 
-The step encodes every image and caption of a batch in a single forward pass (anchors
-and, when present, the offline negatives and their positives), so DDP synchronises
-gradients once and the encoders see one large batch instead of three small ones.
+The step encodes every distinct image and caption of a batch in a single forward pass
+(anchors and, when present, the offline negatives and their positives), so DDP
+synchronises gradients once and the encoders see one large batch instead of three
+small ones.
+
+With several ranks and a global batch (``gather=True``), every rank holds b = B / N
+anchor pairs. It gathers the anchor captions' encodings from every rank, scores its own
+anchor images against all B captions (its b rows of the B x B matrix), and gathers the
+rows and the offline score vectors: every rank then holds the whole step's scores and
+computes the same loss, the one a single process computes on the B pairs. The gathers
+carry gradients: the backward of a gather sums the N ranks' (identical) gradients into
+each rank's own encodings, N times the single-process gradient, and DDP's all-reduce
+averages over the N ranks, so the step's gradient is the single-process gradient and
+the learning rate means the same for any N. An auxiliary loss (VSRN's captioner) is a
+mean over each rank's anchors, which DDP's average turns into the mean over all B.
+
+Cross-attention models gather the word encodings of the anchor captions (zero-padded to
+the longest rank's; padding words carry a 0 mask and never reach a score), not region
+features: a rank's rows need its own images only. Each rank then scores b x B pairs, the
+single process's B x B split N ways.
 """
 
 from __future__ import annotations
@@ -16,9 +33,10 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from aoq.training.batches import Batch
 from aoq.losses import AOQLoss, OfflineScores
 from aoq.models.base import RetrievalModel
+from aoq.training import distributed
+from aoq.training.batches import Batch
 from aoq.training.memory import MemoryWatch
 
 
@@ -27,31 +45,59 @@ def unwrap(model: torch.nn.Module) -> RetrievalModel:
     return getattr(model, "module", model)  # type: ignore[return-value]
 
 
+def encode_slots(model: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """Encode a batch's rows once and lay them out by slot.
+
+    Returns:
+        (n_blocks * b, ...) image and caption encodings, block by block (see
+        :class:`~aoq.training.batches.Batch`).
+    """
+    images, captions = model(batch.regions, batch.tokens, batch.lengths, pairs=batch.size)
+    if batch.image_slots is not None:
+        images = images.index_select(0, batch.image_slots)
+    if batch.caption_slots is not None:
+        captions = captions.index_select(0, batch.caption_slots)
+    return images, captions
+
+
 def batch_scores(
-    model: torch.nn.Module, batch: Batch
+    model: torch.nn.Module, batch: Batch, *, gather: bool = False, offline: bool = True
 ) -> tuple[torch.Tensor, OfflineScores | None]:
     """Encode a batch and score it.
 
+    Args:
+        gather: score against the anchors of every rank (a global batch; see the module
+            docstring); a no-op with one rank.
+        offline: score the offline blocks, if the batch has them.
+
     Returns:
-        The (B, B) in-batch score matrix (anchors; positives on the diagonal) and, for a
-        batch with offline blocks, the four (B,) offline score vectors.
+        The (B, B) score matrix of the step's anchors (image rows, caption columns,
+        positives on the diagonal; B = b, or b times the ranks when gathering) and, for
+        a batch with offline blocks, the four (B,) offline score vectors.
     """
-    images, captions = model(batch.regions, batch.tokens, batch.lengths, pairs=batch.size)
+    images, captions = encode_slots(model, batch)
     core = unwrap(model)
     b = batch.size
     anchor_i, anchor_c = images[:b], captions[:b]
-    scores = core.similarity(anchor_i, anchor_c)
-    if batch.n_blocks == 1:
+    if gather and distributed.is_distributed():
+        columns = (distributed.all_gather_with_grad(anchor_c) if core.has_global_embedding
+                   else distributed.all_gather_padded(anchor_c))
+        scores = distributed.all_gather_with_grad(core.similarity(anchor_i, columns))
+    else:
+        scores = core.similarity(anchor_i, anchor_c)
+    if batch.n_blocks == 1 or not offline:
         return scores, None
     image_neg, image_of_cap_neg = images[b:2 * b], images[2 * b:3 * b]
     caption_neg, caption_of_image_neg = captions[b:2 * b], captions[2 * b:3 * b]
-    offline = OfflineScores(
-        image_caption_off=core.paired_similarity(anchor_i, caption_neg),
-        image_off_caption=core.paired_similarity(image_neg, anchor_c),
-        image_off_caption_off=core.paired_similarity(image_neg, caption_neg),
-        positives_of_offline=core.paired_similarity(image_of_cap_neg, caption_of_image_neg),
-    )
-    return scores, offline
+    pairs = torch.stack([
+        core.paired_similarity(anchor_i, caption_neg),
+        core.paired_similarity(image_neg, anchor_c),
+        core.paired_similarity(image_neg, caption_neg),
+        core.paired_similarity(image_of_cap_neg, caption_of_image_neg),
+    ], dim=1)  # (b, 4)
+    if gather:
+        pairs = distributed.all_gather_with_grad(pairs)
+    return scores, OfflineScores(*pairs.unbind(dim=1))
 
 
 @dataclass
@@ -110,6 +156,7 @@ def train_epoch(
     on_step: Callable[[int, float], None] | None = None,
     hardness_samples: int = 0,
     memory: MemoryWatch | None = None,
+    gather: bool = False,
 ) -> EpochStats:
     """Run one pass over ``batches`` and return averaged statistics.
 
@@ -117,7 +164,9 @@ def train_epoch(
     during warm-up reads only the anchors), and a loss that needs them fails loudly on a
     batch without them. With ``hardness_samples > 0``, up to that many per-anchor
     hardness values are kept (see :func:`caption_hardness`). ``memory`` is sampled after
-    every step (its peaks are the most a worker needs).
+    every step (its peaks are the most a worker needs). ``gather``: the batches are
+    ranks' slices of global batches (see the module docstring); the loss terms are then
+    the whole step's, the same on every rank.
     """
     model.train()
     sums: dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros((), device=device))
@@ -129,8 +178,9 @@ def train_epoch(
     for batch in batches:
         stats.data_seconds += time.perf_counter() - fetch_start
         batch = batch.to(device)
-        scores, offline = batch_scores(model, batch)
-        loss = loss_fn(scores, offline if loss_fn.needs_offline else None, batch.image_ids)
+        scores, offline = batch_scores(model, batch, gather=gather,
+                                       offline=loss_fn.needs_offline)
+        loss = loss_fn(scores, offline, batch.step_image_ids if gather else batch.image_ids)
         aux = unwrap(model).auxiliary_loss()
         if aux is not None:
             loss = loss + aux
@@ -138,7 +188,7 @@ def train_epoch(
         if kept < hardness_samples:
             for name, values in caption_hardness(scores, offline).items():
                 hardness[name].append(values.cpu())
-            kept += batch.size
+            kept += scores.shape[0]
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if grad_clip > 0:
