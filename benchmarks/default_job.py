@@ -49,14 +49,16 @@ KINDS: tuple[tuple[str, str], ...] = (
     ("train controller", r"TrainController"),
     ("mining actor", r"MiningWorker"),
     ("ray idle worker", r"^ray::IDLE"),
+    ("ray dashboard agent", r"DashboardAgent|dashboard/agent\.py"),
+    ("ray runtime-env agent", r"RuntimeEnvAgent|runtime_env"),
+    ("ray dashboard modules", r"^ray-dashboard-|ray\.dashboard\.subprocesses"),
     ("ray worker (other)", r"^ray::"),
     ("ray gcs", r"gcs_server"),
     ("ray raylet", r"/raylet( |$)"),
     ("ray dashboard", r"dashboard[/_.](dashboard|agent)|dashboard\.py|/agent\.py"),
-    ("ray runtime-env agent", r"runtime_env"),
     ("ray log monitor", r"log_monitor"),
     ("ray monitor", r"monitor\.py"),
-    ("ray (other)", r"ray"),
+    ("ray (other)", r"/ray/|^ray[:_-]"),
 )
 _KIND_RE = [(kind, re.compile(pattern)) for kind, pattern in KINDS]
 
@@ -82,19 +84,24 @@ def _read(path: str) -> str | None:
         return None
 
 
-def parent_map() -> dict[int, int]:
-    """pid -> parent pid of every process visible in /proc."""
+_TICK = os.sysconf("SC_CLK_TCK")
+
+
+def process_table() -> tuple[dict[int, int], dict[int, float]]:
+    """(pid -> parent pid, pid -> CPU seconds used so far) of every process in /proc."""
     parents: dict[int, int] = {}
+    cpu: dict[int, float] = {}
     for name in os.listdir("/proc"):
         if not name.isdigit():
             continue
         stat = _read(f"/proc/{name}/stat")
         if stat is None:
             continue
-        # "pid (comm) state ppid ...": comm may hold spaces and parentheses.
+        # "pid (comm) state ppid ... utime stime ...": comm may hold spaces and parentheses.
         fields = stat[stat.rfind(")") + 2:].split()
         parents[int(name)] = int(fields[1])
-    return parents
+        cpu[int(name)] = (int(fields[11]) + int(fields[12])) / _TICK
+    return parents, cpu
 
 
 def descendants(root: int, parents: dict[int, int]) -> list[int]:
@@ -145,6 +152,7 @@ class TreeSampler:
     interval: float = 1.0
     samples: list[dict] = field(default_factory=list)
     kinds_seen: dict[int, str] = field(default_factory=dict)
+    cpu_seen: dict[int, float] = field(default_factory=dict)
     _stop: threading.Event = field(default_factory=threading.Event)
     _thread: threading.Thread | None = None
     cpu_seconds: float = 0.0
@@ -162,13 +170,16 @@ class TreeSampler:
         """One sample: time, per-kind sums (MiB) of :data:`MEMORY_FIELDS` and process
         counts."""
         per_kind: dict[str, dict[str, float]] = {}
-        for pid in descendants(self.root, parent_map()):
+        parents, cpu = process_table()
+        for pid in descendants(self.root, parents):
+            if pid in cpu:
+                self.cpu_seen[pid] = cpu[pid]
             mem = memory_kib(pid)
             if mem is None:
                 continue
-            if pid not in self.kinds_seen or self.kinds_seen[pid].startswith("ray idle"):
-                # A Ray worker renames itself when it takes a task: look again.
-                self.kinds_seen[pid] = classify(cmdline_of(pid), pid == self.root)
+            # Every time: a process forked by the raylet shows the raylet's command line
+            # until it execs, and a Ray worker renames itself when it takes an actor.
+            self.kinds_seen[pid] = classify(cmdline_of(pid), pid == self.root)
             kind = per_kind.setdefault(self.kinds_seen[pid],
                                        {"processes": 0, **{f: 0.0 for f in MEMORY_FIELDS}})
             for f in MEMORY_FIELDS:
@@ -177,6 +188,13 @@ class TreeSampler:
         return {"t": t, "processes": sum(k["processes"] for k in per_kind.values()),
                 **{f: sum(k[f] for k in per_kind.values()) for f in MEMORY_FIELDS},
                 "kinds": per_kind}
+
+    def cpu_by_kind(self) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for pid, seconds in self.cpu_seen.items():
+            kind = self.kinds_seen.get(pid, "other")
+            out[kind] = out.get(kind, 0.0) + seconds
+        return {k: round(v, 1) for k, v in sorted(out.items(), key=lambda kv: -kv[1])}
 
     def _loop(self) -> None:
         start = time.perf_counter()
@@ -208,6 +226,8 @@ class TreeSampler:
                             "processes": v["processes"]}
                         for k, v in sorted(peak["kinds"].items(), key=lambda kv: -kv[1]["Pss"])},
             "kind_peak_pss_mib": {k: round(v, 1) for k, v in own_peak.items()},
+            # CPU seconds per kind, as last seen alive (a process's last interval is lost).
+            "cpu_seconds": self.cpu_by_kind(),
             "samples": len(self.samples),
             "sampler_cpu_seconds": round(self.cpu_seconds, 2),
         }
@@ -224,10 +244,11 @@ PHASES: tuple[tuple[str, str], ...] = (
 
 
 def run_job(name: str, tree: Path, out: Path, overrides: Sequence[str], interval: float,
-            timeout: float) -> dict:
+            timeout: float, extra_env: dict[str, str] | None = None) -> dict:
     """Run ``python <tree>/jobs/train.py`` with its own PYTHONPATH and sample it."""
     log_path = out / f"{name}.log"
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env.update(extra_env or {})
     env["PYTHONPATH"] = str(tree / "platform")
     env["PYTHONUNBUFFERED"] = "1"
     cmd = [sys.executable, str(tree / "jobs" / "train.py"), *overrides]
@@ -335,11 +356,36 @@ def report(results: list[dict], variants: list[str]) -> str:
             at = best[v]["memory"]["at_peak"].get(k) if best[v] else None
             cells.append(f"{at['pss_mib']:.0f} ({at['processes']})" if at else "-")
         lines.append(f"| {k} | " + " | ".join(cells) + " |")
+    lines += ["", "CPU seconds by kind over the whole job (same jobs):", ""]
+    kinds = sorted({k for r in results if r["memory"] for k in r["memory"]["cpu_seconds"]})
+    lines.append("| kind | " + " | ".join(variants) + " |")
+    lines.append("|---|" + "---:|" * len(variants))
+    for k in kinds + ["all"]:
+        cells = []
+        for v in variants:
+            cpu = best[v]["memory"]["cpu_seconds"] if best[v] else {}
+            value = sum(cpu.values()) if k == "all" else cpu.get(k)
+            cells.append(f"{value:.0f}" if value is not None else "-")
+        lines.append(f"| {k} | " + " | ".join(cells) + " |")
     lines += ["", "Phases (seconds from the job's start), per job:", ""]
     for r in results:
         lines.append(f"- {r['name']}: " + "; ".join(f"{k} {v}" for k, v in r["phases"].items())
                      + f"; end {r['wall_seconds']}")
     return "\n".join(lines)
+
+
+def _per_variant(parser: argparse.ArgumentParser, items: list[str], names: set[str],
+                 flag: str) -> dict[str, dict[str, str]]:
+    """``NAME:KEY=VALUE`` items -> {NAME: {KEY: VALUE}}."""
+    out: dict[str, dict[str, str]] = {}
+    for item in items:
+        name, _, rest = item.partition(":")
+        key, eq, value = rest.partition("=")
+        if name not in names or not eq or not key:
+            parser.error(f"{flag} {item!r}: expected NAME:KEY=VALUE with NAME one of "
+                         f"{sorted(names)}")
+        out.setdefault(name, {})[key] = value
+    return out
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -348,6 +394,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="new directory for logs, runs, the MLflow store and results")
     parser.add_argument("--variant", type=_variant, action="append", default=None,
                         help="NAME=SOURCE_TREE (repeatable); default: this checkout as 'this'")
+    parser.add_argument("--variant-env", action="append", default=[], metavar="NAME:KEY=VALUE",
+                        help="an environment variable for the jobs of one variant")
+    parser.add_argument("--variant-override", action="append", default=[],
+                        metavar="NAME:KEY=VALUE", help="a config override for one variant")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0],
                         help="run.seed of the jobs; each seed runs every variant in turn")
     parser.add_argument("--interval", type=float, default=1.0,
@@ -357,6 +407,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", help="KEY=VALUE config overrides for every job")
     args = parser.parse_args(argv)
     variants = args.variant or [("this", ROOT)]
+    names = {n for n, _ in variants}
+    envs = _per_variant(parser, args.variant_env, names, "--variant-env")
+    per_overrides = _per_variant(parser, args.variant_override, names, "--variant-override")
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=False)
     storage = out / "runs"
@@ -367,7 +420,9 @@ def main(argv: Sequence[str] | None = None) -> int:
               "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
               "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])
               if argv is None else " ".join(argv),
-              "variants": {n: str(t) for n, t in variants}, "overrides": base}
+              "variants": {n: {"tree": str(t), "env": envs.get(n, {}),
+                               "overrides": per_overrides.get(n, {})} for n, t in variants},
+              "overrides": base}
     print(json.dumps(header, indent=1), flush=True)
     results: list[dict] = []
     for seed in args.seeds:
@@ -375,8 +430,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             run_name = f"{name}-seed{seed}"
             load = os.getloadavg()[0]
             print(f"[default-job] {run_name}: starting (load {load:.2f})", flush=True)
-            r = run_job(run_name, tree, out, [*base, f"run.name={run_name}",
-                                              f"run.seed={seed}"], args.interval, args.timeout)
+            extra = [f"{k}={v}" for k, v in per_overrides.get(name, {}).items()]
+            r = run_job(run_name, tree, out, [*base, *extra, f"run.name={run_name}",
+                                              f"run.seed={seed}"], args.interval, args.timeout,
+                        envs.get(name))
             r.update(variant=name, seed=seed, load_before=round(load, 2),
                      load_after=round(os.getloadavg()[0], 2),
                      test=test_metrics(storage, run_name))
