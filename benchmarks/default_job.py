@@ -153,6 +153,9 @@ class TreeSampler:
     samples: list[dict] = field(default_factory=list)
     kinds_seen: dict[int, str] = field(default_factory=dict)
     cpu_seen: dict[int, float] = field(default_factory=dict)
+    #: CPU seconds by kind: each sample adds what a process used since the last one to
+    #: the kind it has now (a Ray worker changes kind when it takes an actor).
+    cpu_kinds: dict[str, float] = field(default_factory=dict)
     _stop: threading.Event = field(default_factory=threading.Event)
     _thread: threading.Thread | None = None
     cpu_seconds: float = 0.0
@@ -172,14 +175,17 @@ class TreeSampler:
         per_kind: dict[str, dict[str, float]] = {}
         parents, cpu = process_table()
         for pid in descendants(self.root, parents):
-            if pid in cpu:
-                self.cpu_seen[pid] = cpu[pid]
             mem = memory_kib(pid)
             if mem is None:
                 continue
             # Every time: a process forked by the raylet shows the raylet's command line
             # until it execs, and a Ray worker renames itself when it takes an actor.
-            self.kinds_seen[pid] = classify(cmdline_of(pid), pid == self.root)
+            kind_name = classify(cmdline_of(pid), pid == self.root)
+            self.kinds_seen[pid] = kind_name
+            if pid in cpu:
+                used = cpu[pid] - self.cpu_seen.get(pid, 0.0)
+                self.cpu_kinds[kind_name] = self.cpu_kinds.get(kind_name, 0.0) + used
+                self.cpu_seen[pid] = cpu[pid]
             kind = per_kind.setdefault(self.kinds_seen[pid],
                                        {"processes": 0, **{f: 0.0 for f in MEMORY_FIELDS}})
             for f in MEMORY_FIELDS:
@@ -190,11 +196,8 @@ class TreeSampler:
                 "kinds": per_kind}
 
     def cpu_by_kind(self) -> dict[str, float]:
-        out: dict[str, float] = {}
-        for pid, seconds in self.cpu_seen.items():
-            kind = self.kinds_seen.get(pid, "other")
-            out[kind] = out.get(kind, 0.0) + seconds
-        return {k: round(v, 1) for k, v in sorted(out.items(), key=lambda kv: -kv[1])}
+        return {k: round(v, 1) for k, v in sorted(self.cpu_kinds.items(),
+                                                  key=lambda kv: -kv[1])}
 
     def _loop(self) -> None:
         start = time.perf_counter()
@@ -226,7 +229,7 @@ class TreeSampler:
                             "processes": v["processes"]}
                         for k, v in sorted(peak["kinds"].items(), key=lambda kv: -kv[1]["Pss"])},
             "kind_peak_pss_mib": {k: round(v, 1) for k, v in own_peak.items()},
-            # CPU seconds per kind, as last seen alive (a process's last interval is lost).
+            # CPU seconds per kind (what a process used after its last sample is lost).
             "cpu_seconds": self.cpu_by_kind(),
             "samples": len(self.samples),
             "sampler_cpu_seconds": round(self.cpu_seconds, 2),

@@ -167,7 +167,7 @@ def test_gpu_report_keeps_failed_and_timed_out_pieces(bench, tmp_path: Path) -> 
 
 
 def test_kernels_match_torch_on_strided_views() -> None:
-    from aoq.search.kernels import hits_at_or_above, sort_unique
+    from aoq.search.kernels import hits_at_or_above, kth_largest, sort_unique
 
     gen = torch.Generator().manual_seed(0)
     buf = torch.randn(6 * 16, generator=gen)
@@ -180,6 +180,12 @@ def test_kernels_match_torch_on_strided_views() -> None:
         expected[:, :11] = scores >= threshold
         assert torch.equal(got, expected.view(-1).nonzero().view(-1))
         assert got.dtype == torch.int64
+    ties = torch.randint(-3, 4, (40, 30), generator=gen).float()  # many equal values
+    ties[0, :5] = -torch.inf  # excluded entries of the band
+    for dim in (0, 1):
+        for r in (1, 7, ties.shape[dim]):
+            assert torch.equal(kth_largest(ties, r, dim), torch.topk(
+                ties, r, dim=dim).values.amin(dim=dim)), (dim, r)
     values = np.unique(np.random.default_rng(1).integers(0, 1 << 40, 1000))
     keys = torch.from_numpy(np.random.default_rng(2).permutation(values))
     assert torch.equal(sort_unique(keys), torch.sort(keys).values)

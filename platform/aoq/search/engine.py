@@ -58,7 +58,7 @@ from typing import Any
 
 import torch
 
-from aoq.search.kernels import hits_at_or_above, sort_unique
+from aoq.search.kernels import hits_at_or_above, kth_largest, sort_unique
 from aoq.search.keys import bits_for, first_k, make_keys, value_of
 from aoq.search.options import SearchOptions
 from aoq.search.parallel import run_tasks
@@ -187,8 +187,7 @@ def _kth_largest(scores: torch.Tensor, r: int, dim: int) -> torch.Tensor:
     """r-th largest along ``dim`` as a float32 threshold; never -inf (so excluded
     entries, which are -inf, never pass ``>=``)."""
     r = min(r, scores.shape[dim])
-    t = torch.topk(scores, r, dim=dim, largest=True, sorted=False).values.amin(dim=dim)
-    return t.float().clamp_(min=torch.finfo(torch.float32).min)
+    return kth_largest(scores, r, dim).clamp_(min=torch.finfo(torch.float32).min)
 
 
 def _positive_positions(q_order: torch.Tensor, k_inverse: torch.Tensor, n_k: int,
