@@ -86,8 +86,9 @@ if [[ $TINY == 1 ]]; then
   BUDGETS=(120 300 600 120)
 else
   DATA=()
-  # One GPU: one worker with the whole global batch (the default), on the device.
-  JOB=(run.device=cuda)
+  # One GPU, so one DDP worker with the default's whole global batch (2 x 128
+  # pairs); the mining pool stays on the CPUs.
+  JOB=(run.device=cuda run.num_workers=1 optim.batch_size=256)
   MINING=(--device cuda --n-images 113287 --dim 1024 --k 2000 --k-images 400
           --block-rows 2048 --tile-cols 16384)
   BUDGETS=(40 150 150 130)
