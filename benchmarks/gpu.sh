@@ -83,6 +83,7 @@ if [[ $TINY == 1 ]]; then
         negatives.k_captions=100 negatives.k_images=40 negatives.sampling_range=50)
   JOB=("${DATA[@]}" optim.epochs=2 run.device=cpu)
   MINING=(--device cpu --n-images 300 --dim 32 --k 50 --k-images 20 --threads 2)
+  STEP=(--profile-steps 5)  # the tiny split has fewer than the default 30 steps
   BUDGETS=(120 300 600 120)
 else
   DATA=()
@@ -91,6 +92,7 @@ else
   JOB=(run.device=cuda run.num_workers=1 optim.batch_size=256)
   MINING=(--device cuda --n-images 113287 --dim 1024 --k 2000 --k-images 400
           --block-rows 2048 --tile-cols 16384)
+  STEP=()
   BUDGETS=(40 150 150 130)
 fi
 
@@ -98,8 +100,8 @@ cd "$ROOT"
 piece prepare "${BUDGETS[0]}" "$PY" jobs/prepare.py "$CACHE" ${DATA[@]+"${DATA[@]}"}
 piece default_job "${BUDGETS[1]}" "$PY" benchmarks/default_job.py --out "$OUT/default_job" \
   "$CACHE" "${JOB[@]}"
-piece step "${BUDGETS[2]}" "$PY" benchmarks/step.py --out "$OUT/step" "$CACHE" \
-  ${DATA[@]+"${DATA[@]}"}
+piece step "${BUDGETS[2]}" "$PY" benchmarks/step.py --out "$OUT/step" \
+  ${STEP[@]+"${STEP[@]}"} "$CACHE" ${DATA[@]+"${DATA[@]}"}
 piece mining "${BUDGETS[3]}" "$PY" benchmarks/mining.py "${MINING[@]}" \
   --captions-per-image 5 --precisions fp32 tf32 bf16 --repeats 1 --skip-faiss \
   --skip-naive --skip-single --author-subset 0 --json "$OUT/mining.json"
