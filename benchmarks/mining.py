@@ -38,7 +38,11 @@ Examples::
 from __future__ import annotations
 
 import argparse
+import cProfile
+import dataclasses
 import hashlib
+import io
+import pstats
 import json
 import os
 import platform
@@ -303,7 +307,41 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--baseline-tree", type=Path, default=None,
                    help="source tree (with platform/aoq) of the engine to compare with")
     p.add_argument("--json", type=Path, default=None, help="write the results here")
+    p.add_argument("--profile", type=int, default=0, metavar="ROWS",
+                   help="instead of timing: profile i2t and both tables on the first ROWS "
+                        "images, one worker, one thread (cProfile sees NumPy and torch calls "
+                        "alike); with PYTHONPATH at another tree, profiles that engine")
     return p.parse_args(argv)
+
+
+def profile(images: torch.Tensor, captions: torch.Tensor, rows: int, k: int, k_i: int,
+            cpi: int) -> dict[str, list]:
+    """Top functions by own time of one i2t and one two-table call (one worker, one
+    thread) on ``rows`` images: (seconds, share of the call, calls, function)."""
+    torch.set_num_threads(1)
+    options = dataclasses.replace(SearchOptions(), use_workers=False)
+    q = images[:rows]
+    c = captions[: cpi * rows] if rows < images.shape[0] else captions
+    calls = {"i2t": lambda: exact_topk(q, captions, k, positives=(1, cpi), options=options),
+             "both tables": lambda: mine_candidates(q, c, k, min(k_i, rows - 1), cpi,
+                                                    options=options)}
+    out: dict[str, list] = {}
+    for name, call in calls.items():
+        call()  # warm-up
+        prof = cProfile.Profile()
+        t0 = time.perf_counter()
+        prof.enable()
+        call()
+        prof.disable()
+        wall = time.perf_counter() - t0
+        stats = pstats.Stats(prof, stream=io.StringIO())
+        top = sorted(stats.stats.items(), key=lambda kv: -kv[1][2])[:15]
+        out[name] = [(round(st[2], 3), round(st[2] / wall, 3), st[1],
+                      f"{Path(fn[0]).name}:{fn[1]}({fn[2]})") for fn, st in top]
+        print(f"profile, {name}, {rows} rows: {wall:.2f} s")
+        for seconds, share, ncalls, fn in out[name]:
+            print(f"  {seconds:8.3f} s {share:6.1%} {ncalls:6d}  {fn}")
+    return out
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -345,6 +383,12 @@ def main(argv: list[str] | None = None) -> dict:
     for key, value in header.items():
         print(f"{key}: {value}")
     sys.stdout.flush()
+    if args.profile:
+        report = {**header, "profile": profile(images, captions, args.profile, k, k_i, cpi)}
+        if args.json is not None:
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(json.dumps(report, indent=1))
+        return report
 
     results: dict[str, list[float]] = {}
     outputs: dict[str, object] = {}

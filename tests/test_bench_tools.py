@@ -58,6 +58,15 @@ def test_mining_benchmark_checks_every_mode_and_the_baseline(bench, tmp_path: Pa
         json.dumps(checks))
 
 
+def test_mining_profile_names_the_selection_steps(bench) -> None:
+    report = bench["mining"].main(["--n-images", "200", "--dim", "16", "--k", "40",
+                                   "--k-images", "10", "--profile", "100"])
+    for call in ("i2t", "both tables"):
+        rows = report["profile"][call]
+        assert len(rows) == 15 and any("torch.mm" in row[3] for row in rows), rows
+        assert sum(row[1] for row in rows) <= 1.0 and all(row[2] >= 1 for row in rows)
+
+
 def test_mining_benchmark_refuses_cuda_without_a_device(bench) -> None:
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
