@@ -147,3 +147,24 @@ def test_an_application_error_in_a_shard_is_retried(setup) -> None:
     got_i2t, got_t2i = mine_and_shut_down(new_pool(cfg, prepared, worker=FlakyWorker),
                                           cfg, model)
     assert np.array_equal(got_i2t, i2t) and np.array_equal(got_t2i, t2i)
+
+
+def test_an_actor_gives_freed_memory_back() -> None:
+    # Freed blocks between live ones stay in glibc's heap (nothing at its top to trim);
+    # give_back_memory must return their pages. Runs in this process, no Ray needed.
+    from aoq.cluster.mining_pool import _libc_malloc_trim, give_back_memory
+
+    if _libc_malloc_trim() is None:
+        pytest.skip("the C library is not glibc")
+
+    def rss_mib() -> float:
+        return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf(
+            "SC_PAGE_SIZE") / 2**20
+
+    blocks = [np.ones(100_000 // 8) for _ in range(2000)]  # 100 kB each: heap, not mmap
+    kept = blocks[::20]
+    del blocks
+    before = rss_mib()
+    give_back_memory()
+    assert before - rss_mib() > 100, (before, rss_mib())
+    assert all(float(b[0]) == 1.0 for b in kept)

@@ -190,6 +190,13 @@ def initial_tables(cfg: Config, prepared: PreparedData, storage: RunStorage) -> 
     return str(saved)
 
 
+#: Environment for the processes of a Ray instance the driver starts itself (they
+#: inherit the driver's; a cluster's nodes keep their own). One machine has no
+#: autoscaler to drain it, so Ray Train's preemption watcher, one more actor process
+#: (~100 MiB PSS) polling every 5 s, has nothing to watch (docs/benchmarks.md §6).
+LOCAL_RAY_ENV = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
+
+
 def connect_ray() -> bool:
     """Connect to ``$RAY_ADDRESS`` (e.g. inside ``ray job submit``) or start a local Ray.
 
@@ -199,7 +206,11 @@ def connect_ray() -> bool:
         return False
     before_ray_init()
     started = not os.environ.get("RAY_ADDRESS")
-    # The dashboard stays on (loopback only): Ray Train's state API needs it.
+    if started:
+        for key, value in LOCAL_RAY_ENV.items():
+            os.environ.setdefault(key, value)  # a value the user set wins
+    # The dashboard stays on (loopback only): Ray Train's placement-group cleaner asks
+    # its state API every second whether the controller lives, and logs each failure.
     ray.init(**({"address": "local"} if started else {}), logging_level="WARNING")
     after_ray_init()
     return started

@@ -59,10 +59,11 @@ def mine_candidates(
             tile of block_rows x tile_cols fp32 scores should fit in the last-level cache.
         device: where to compute; default CUDA when available, else CPU.
         progress: show a tqdm bar over row blocks.
-        precision: "fp32" (exact) or "bf16": bf16 products pick a shortlist of
-            ``1.5 * k`` per row, which is rescored exactly in fp32. Not guaranteed
-            exact (compare with :func:`aoq.search.overlap_at_k`); it only pays where
-            bf16 products are much faster than fp32 and gathers are cheap (GPUs).
+        precision: "fp32" (exact), "tf32" (TF32 products on CUDA; not exact) or
+            "bf16": bf16 products pick a shortlist of ``1.5 * k`` per row, which is
+            rescored exactly in fp32. The last two are not guaranteed exact (compare
+            with :func:`aoq.search.overlap_at_k`); they only pay where those products
+            are much faster than fp32 and gathers are cheap (GPUs).
         stats: if given, filled with counters (candidates, recomputed rows, ...).
         options: search tuning (:class:`aoq.search.SearchOptions`); None: defaults.
 

@@ -22,7 +22,7 @@ from aoq.search.options import SearchOptions
 
 __all__ = ["exact_topk", "overlap_at_k", "topk_rows_and_columns"]
 
-PRECISIONS = ("fp32", "bf16")
+PRECISIONS = ("fp32", "tf32", "bf16")
 _COLUMN_DTYPES = (torch.int64, torch.int32)
 
 
@@ -60,8 +60,11 @@ def exact_topk(
             the last-level cache.
         device: where to compute; default CUDA when available, else CPU.
         progress: show a tqdm bar over row blocks (a string: with that label).
-        precision: "fp32" (exact) or "bf16" (a bf16 shortlist rescored in fp32, not
-            guaranteed exact; see :mod:`aoq.search.bf16`).
+        precision: "fp32" (exact), "tf32" (fp32 inputs, products on TF32 tensor cores
+            where CUDA has them: not exact, the scores carry ~1e-3 relative error) or
+            "bf16" (a bf16 shortlist rescored in fp32, not guaranteed exact; see
+            :mod:`aoq.search.bf16`). Measure the approximate modes against "fp32" with
+            :func:`overlap_at_k`.
         stats: if given, filled with counters (candidates, recomputed rows, ...), the
             tile plan and seconds per phase.
         options: tuning (:class:`SearchOptions`); None is the defaults.
@@ -230,13 +233,13 @@ def _search(q: torch.Tensor, kk: torch.Tensor, k_row: int, k_col: int,
         stats = {}
     plan = dict(block_rows=block_rows, tile_cols=tile_cols, progress=progress, stats=stats,
                 options=options, col_dtype=col_dtype)
-    with torch.no_grad(), _full_fp32_products(dev):
+    with torch.no_grad(), _matmul_precision(dev, "high" if precision == "tf32" else "highest"):
         q = q.to(dev, torch.float32)
         kk = kk.to(dev, torch.float32)
-        if precision == "fp32":
-            return blocked_topk(q, kk, k_row, k_col, groups, score_dtype=torch.float32,
-                                want_values=want_values, **plan)
-        return bf16_topk(q, kk, k_row, k_col, groups, **plan)
+        if precision == "bf16":
+            return bf16_topk(q, kk, k_row, k_col, groups, **plan)
+        return blocked_topk(q, kk, k_row, k_col, groups, score_dtype=torch.float32,
+                            want_values=want_values, **plan)
 
 
 def _resolve_device(device: str | torch.device | None) -> torch.device:
@@ -246,18 +249,20 @@ def _resolve_device(device: str | torch.device | None) -> torch.device:
 
 
 @contextlib.contextmanager
-def _full_fp32_products(device: torch.device) -> Iterator[None]:
-    """fp32 means fp32: no TF32 / bf16 shortcuts a caller may have switched on."""
+def _matmul_precision(device: torch.device, level: str) -> Iterator[None]:
+    """fp32 products at ``level`` ("highest": really fp32, whatever TF32 / bf16
+    shortcuts a caller switched on; "high": TF32 allowed), restored afterwards."""
     previous = torch.get_float32_matmul_precision()
-    cuda_tf32 = torch.backends.cuda.matmul.allow_tf32 if device.type == "cuda" else None
+    cuda = device.type == "cuda"
+    cuda_tf32 = torch.backends.cuda.matmul.allow_tf32 if cuda else None
     try:
-        if previous != "highest":
-            torch.set_float32_matmul_precision("highest")
-        if cuda_tf32:
-            torch.backends.cuda.matmul.allow_tf32 = False
+        if previous != level:
+            torch.set_float32_matmul_precision(level)
+        if cuda:
+            torch.backends.cuda.matmul.allow_tf32 = level != "highest"
         yield
     finally:
-        if previous != "highest":
+        if previous != level:
             torch.set_float32_matmul_precision(previous)
-        if cuda_tf32:
-            torch.backends.cuda.matmul.allow_tf32 = True
+        if cuda:
+            torch.backends.cuda.matmul.allow_tf32 = cuda_tf32

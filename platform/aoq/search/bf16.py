@@ -18,6 +18,7 @@ import torch
 
 from aoq.search.checks import max_excluded
 from aoq.search.engine import Result, blocked_topk
+from aoq.search.kernels import sort_unique
 from aoq.search.keys import bits_for, first_k, make_keys
 from aoq.search.options import SearchOptions
 
@@ -99,8 +100,8 @@ def rescore(a: torch.Tensor, b: torch.Tensor, ids: torch.Tensor, k: int
         sel = torch.sort(ids[s:s + chunk].to(dev), dim=1).values
         scores = pair_scores(a[s:s + chunk], b, sel)
         group = torch.arange(sel.shape[0], device=dev)[:, None].expand_as(sel)
-        keys = torch.sort(make_keys(scores.reshape(-1), group.reshape(-1), sel.reshape(-1),
-                                    index_bits)).values
+        keys = sort_unique(make_keys(scores.reshape(-1), group.reshape(-1), sel.reshape(-1),
+                                     index_bits))
         v, i, _ = first_k(keys, sel.shape[0], k, index_bits)
         out_v[s:s + chunk] = v.cpu()
         out_i[s:s + chunk] = i.cpu()

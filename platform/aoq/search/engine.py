@@ -58,6 +58,7 @@ from typing import Any
 
 import torch
 
+from aoq.search.kernels import hits_at_or_above, kth_largest, sort_unique
 from aoq.search.keys import bits_for, first_k, make_keys, value_of
 from aoq.search.options import SearchOptions
 from aoq.search.parallel import run_tasks
@@ -186,8 +187,7 @@ def _kth_largest(scores: torch.Tensor, r: int, dim: int) -> torch.Tensor:
     """r-th largest along ``dim`` as a float32 threshold; never -inf (so excluded
     entries, which are -inf, never pass ``>=``)."""
     r = min(r, scores.shape[dim])
-    t = torch.topk(scores, r, dim=dim, largest=True, sorted=False).values.amin(dim=dim)
-    return t.float().clamp_(min=torch.finfo(torch.float32).min)
+    return kth_largest(scores, r, dim).clamp_(min=torch.finfo(torch.float32).min)
 
 
 def _positive_positions(q_order: torch.Tensor, k_inverse: torch.Tensor, n_k: int,
@@ -287,7 +287,7 @@ class _ColumnStore:
         keys = self.parts[0] if len(self.parts) == 1 else torch.cat(self.parts)
         self.parts, self.size = [], 0
         # Keys are unique (they hold the query id), so any sort is the stable sort.
-        return torch.sort(keys).values
+        return sort_unique(keys)
 
 
 class _RowBlock:
@@ -389,8 +389,8 @@ class _BlockWorker:
             sample.copy_(s[:, : sh.m_row])
             rows.threshold = _kth_largest(sample, sh.r_row, dim=1)[:, None]
         region = self.row_mask[: rows_here * ld]
-        torch.ge(s, rows.threshold, out=region.view(rows_here, ld)[:, :width])
-        flat = region.nonzero().view(-1)
+        flat = hits_at_or_above(s, rows.threshold, region.view(rows_here, ld)[:, :width],
+                                region)
         keys = make_keys(self.buf.take(flat).float(), flat >> sh.ld_bits,
                          sh.k_order[c0:c1][flat & (ld - 1)], sh.kb)
         # Row-major hits: each sort group of rows is one slice.
@@ -418,11 +418,11 @@ class _BlockWorker:
         sh, opt = self.sh, self.sh.options
         cs = opt.col_slice
         rows_here = s.shape[0]
-        region = self.col_mask[: rows_here * cs].view(rows_here, cs)
+        flat_region = self.col_mask[: rows_here * cs]
+        region = flat_region.view(rows_here, cs)
         if z - a < cs:
             region[:, z - a:].zero_()  # padding must read as "no hit"
-        torch.ge(s[:, a:z], threshold, out=region[:, : z - a])
-        flat = region.view(-1).nonzero().view(-1)
+        flat = hits_at_or_above(s[:, a:z], threshold, region[:, : z - a], flat_region)
         row = flat >> opt.col_slice_bits
         col = flat & (cs - 1)
         store.add(make_keys(self.buf.take((row << sh.ld_bits) + (col + a)).float(),
@@ -437,7 +437,7 @@ class _BlockWorker:
         sh = self.sh
         for i, (g0, g1) in enumerate(rows.groups):
             parts = rows.parts[i]
-            keys = torch.sort(parts[0] if len(parts) == 1 else torch.cat(parts)).values
+            keys = sort_unique(parts[0] if len(parts) == 1 else torch.cat(parts))
             rows.parts[i] = []
             self.counters["row_candidates"] += keys.numel()
             v, ids, ok = first_k(keys, g1 - g0, sh.k_row, sh.kb, group_offset=g0,
@@ -573,7 +573,7 @@ def _recompute(a: torch.Tensor, b: torch.Tensor, ids: torch.Tensor, k: int,
             r, t = (cols < n_b).nonzero(as_tuple=True)
             scores[r, cols[r, t]] = -torch.inf
         hr, hc = torch.isfinite(scores).nonzero(as_tuple=True)
-        keys = torch.sort(make_keys(scores[hr, hc], hr, hc, index_bits)).values
+        keys = sort_unique(make_keys(scores[hr, hc], hr, hc, index_bits))
         v, i, _ = first_k(keys, sel.numel(), k, index_bits, want_values=out_v is not None)
         _store(out_v, out_i, v, i, sel, 0, True)
 

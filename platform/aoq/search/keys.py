@@ -3,8 +3,8 @@
 A key is ``group | rank | index``: the group (a row or column of the current block) in
 the top bits, then a 32-bit order-reversing integer image of the fp32 score, then the
 *original* index of the other side in the low ``index_bits`` bits. One sort of the keys
-(torch's radix sort for 1-D integers) orders each group by score descending, then index
-ascending, whatever the order the candidates were found in: ties cost nothing.
+(:func:`aoq.search.kernels.sort_unique`) orders each group by score descending, then
+index ascending, whatever the order the candidates were found in: ties cost nothing.
 """
 
 from __future__ import annotations

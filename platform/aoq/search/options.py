@@ -46,7 +46,7 @@ class SearchOptions:
     #: Rows of the first row block whose scores set a column's threshold (same idea).
     col_sample: int = 512
     #: Candidates are kept and sorted in groups of this many rows (row direction) /
-    #: columns (column direction): a few 100k int64 keys radix-sort ~2x faster per key
+    #: columns (column direction): a few 100k int64 keys sort ~1.6x faster per key
     #: than millions (they stay in cache), and the grouping is free (it follows row /
     #: column slices). The column slice must be a power of two: a flat position in its
     #: mask splits into (row, column) with a shift and a mask.
