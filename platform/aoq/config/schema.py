@@ -61,13 +61,31 @@ class ScenesConfig:
 
 
 @dataclass
+class EmojiConfig:
+    """The built-in ``emoji`` dataset: OpenMoji artwork with Unicode/CLDR and community
+    text, built from installed packages (README, "The built-in emoji dataset")."""
+
+    seed: int = opt(0, "split seed; the same seed and package versions give identical files")
+    n_dev: int = opt(500, "dev images", min=1)
+    n_test: int = opt(1000, "test images; 1000 so that the 1K protocol applies", min=1)
+    max_images: int = opt(
+        0, "use only this many emoji (whole families, drawn by the seed); 0 = all of them",
+        min=0)
+    image_size: int = opt(72, "rendered width and height in pixels (a multiple of 6)", min=12)
+
+
+#: Dataset names that are built in (generated under data.cache_dir), not directories.
+BUILT_IN_DATASETS = ("scenes", "emoji")
+
+
+@dataclass
 class DataConfig:
     """Where the data comes from and how captions are turned into tokens."""
 
     dataset: str = opt(
         "scenes",
-        "'scenes' (built in, generated on first use) or a directory in the precomp layout "
-        "(<split>_ims.npy, <split>_caps.txt)",
+        "'scenes' (built in, synthetic), 'emoji' (built in from the OpenMoji and Unicode "
+        "packages) or a directory in the precomp layout (<split>_ims.npy, <split>_caps.txt)",
         path=True,
     )
     cache_dir: str = opt(
@@ -91,6 +109,7 @@ class DataConfig:
     captions_per_image: int = opt(5, "captions per image in the precomp layout", min=1)
     loader_workers: int = opt(0, "DataLoader worker processes per training worker", min=0)
     scenes: ScenesConfig = field(default_factory=ScenesConfig)
+    emoji: EmojiConfig = field(default_factory=EmojiConfig)
 
 
 @dataclass
