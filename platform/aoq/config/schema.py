@@ -71,7 +71,7 @@ class EmojiConfig:
     max_images: int = opt(
         0, "use only this many emoji (whole families, drawn by the seed); 0 = all of them",
         min=0)
-    image_size: int = opt(72, "rendered width and height in pixels (a multiple of 6)", min=12)
+    image_size: int = opt(72, "rendered width and height in pixels (a multiple of 24)", min=24)
 
 
 #: Dataset names that are built in (generated under data.cache_dir), not directories.
