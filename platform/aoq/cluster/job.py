@@ -31,7 +31,7 @@ from aoq.cluster.tracking import (
     RunHandle, check_store, end_run, git_commit, log_artifact, resolve_tracking_uri, start_run,
 )
 from aoq.cluster.train_loop import WorkerPayload, train_loop_per_worker
-from aoq.config import Config, ConfigError, dump_yaml, parse_negative_source
+from aoq.config import BUILT_IN_DATASETS, Config, ConfigError, dump_yaml, parse_negative_source
 from aoq.data.prepare import PreparedData, open_split, prepare_data
 from aoq.negatives.checkpoints import mine_from_checkpoint
 from aoq.negatives.schedule import mines_during_training, uses_offline
@@ -252,7 +252,8 @@ def build_trainer(cfg: Config, payload: WorkerPayload, run_name: str,
 
 
 def _run_tags(cfg: Config, prepared: PreparedData) -> dict[str, str]:
-    dataset = "scenes" if cfg.data.dataset == "scenes" else Path(prepared.directory).name
+    dataset = (cfg.data.dataset if cfg.data.dataset in BUILT_IN_DATASETS
+               else Path(prepared.directory).name)
     return {
         "dataset": dataset,
         "model": cfg.model.name,
