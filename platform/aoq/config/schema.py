@@ -191,6 +191,11 @@ class LossConfig:
         "do not count in-batch captions of the anchor's own image as negatives (the "
         "authors count them)",
     )
+    offline_triplet_weight: float = opt(
+        1.0, "weight of the two offline triplet terms in the loss (1 = the paper's loss)",
+        min=0.0)
+    quintuplet_weight: float = opt(
+        1.0, "weight of the two quintuplet terms in the loss (1 = the paper's loss)", min=0.0)
 
 
 @dataclass
@@ -208,6 +213,16 @@ class NegativesConfig:
         300, "h: draw n ~ U{0..h-1}; caption negative i2t[n], image negative t2i[n // 5]",
         min=1,
     )
+    range_min: int = opt(
+        0, "skip the top-ranked candidates: draw n ~ U{range_min..h-1} (the closest "
+        "matches are the likeliest false negatives; sentence-transformers' range_min)",
+        min=0)
+    score_filter: bool = opt(
+        False, "when mining, drop every candidate that the mining model scores at or above "
+        "its positive minus negatives.score_margin (a likely false negative)")
+    score_margin: float = opt(
+        0.0, "the score filter's margin: a candidate is kept only if it scores below the "
+        "positive by more than this (unused while score_filter is off)", min=0.0)
     warmup_epochs: int = opt(1, "epochs of plain triplet before the first mining", min=0)
     refresh_every: int = opt(1, "re-mine every N epochs; 0 = never refresh", min=0)
     block_rows: int = opt(1024, "rows per block in the exact top-K search", min=1)

@@ -95,10 +95,11 @@ class PairDataset(torch.utils.data.Dataset):
         rank: int = 0,
         sampling_range: int = 300,
         tables: CandidateTables | None = None,
+        range_min: int = 0,
     ) -> None:
         self.split = split
         self.seed, self.rank = seed, rank
-        self.sampling_range = sampling_range
+        self.sampling_range, self.range_min = sampling_range, range_min
         self.tables = tables
 
     def __len__(self) -> int:
@@ -119,6 +120,7 @@ class PairDataset(torch.utils.data.Dataset):
             draw = draw_offline(
                 caps, self.tables.i2t, self.tables.t2i, self.sampling_range,
                 sampling_rng(self.seed, request.epoch, self.rank, request.step), cpi,
+                self.range_min,
             )
             image_ids = np.concatenate([imgs, draw.image_negative, draw.image_of_caption_negative])
             caption_ids = np.concatenate([caps, draw.caption_negative,

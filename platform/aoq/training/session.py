@@ -110,7 +110,8 @@ class TrainingSession:
         self.model = prepare_model(core)
         self.optimizer, self.scheduler = build_optimizer(cfg.optim, self.model)
         self.dataset = PairDataset(self.train_split, seed=cfg.run.seed, rank=self.rank,
-                                   sampling_range=cfg.negatives.sampling_range)
+                                   sampling_range=cfg.negatives.sampling_range,
+                                   range_min=cfg.negatives.range_min)
         self.sampler = EpochBatchSampler(len(self.dataset), cfg.optim.batch_size,
                                          rank=self.rank, world=self.world, seed=cfg.run.seed)
         self.loader = make_loader(self.dataset, self.sampler, cfg.data.loader_workers,
