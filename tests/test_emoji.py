@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import subprocess
 import sys
 import textwrap
@@ -42,7 +41,7 @@ OFFLINE_BUILD = textwrap.dedent("""
 
 def build_offline(directory: Path) -> Path:
     subprocess.run([sys.executable, "-c", OFFLINE_BUILD, str(directory)], check=True,
-                   env={**os.environ, "no_proxy": "", "NO_PROXY": ""}, timeout=300)
+                   timeout=300)
     return directory
 
 
