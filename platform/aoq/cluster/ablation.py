@@ -25,7 +25,7 @@ from aoq.cluster.tracking import (
     RunHandle, end_run, ensure_experiment, find_run, log_artifact, log_metrics,
     resolve_tracking_uri,
 )
-from aoq.config import Config, load_config
+from aoq.config import BUILT_IN_DATASETS, Config, load_config
 from aoq.storage import run_location
 from aoq.training.run_files import TEST_METRICS_FILE
 
@@ -199,6 +199,21 @@ def splice_report(old: str | None, generated: str) -> str:
     return head + block + rest.split(REPORT_END, 1)[1].lstrip("\n")
 
 
+def dataset_label(cfg: Config) -> str:
+    return cfg.data.dataset if cfg.data.dataset in BUILT_IN_DATASETS else Path(
+        cfg.data.dataset).name
+
+
+def test_split_description(cfg: Config) -> str:
+    """What the test split is, said wherever its numbers appear."""
+    if cfg.data.dataset == "scenes":
+        return f"{cfg.data.scenes.n_test} images, unseen colour-object pairs"
+    if cfg.data.dataset == "emoji":
+        return (f"{cfg.data.emoji.n_test} emoji whose families are unseen in training; "
+                "drawings with label-like captions, not photos")
+    return f"`{cfg.data.test_split}`, {cfg.data.test_folds} fold(s)"
+
+
 def render_report(table: pd.DataFrame, runs: Sequence[AblationRun], cfg: Config, command: str,
                   wall: float, figure: str, group: str) -> str:
     ordered = list(table.index)
@@ -211,9 +226,9 @@ def render_report(table: pd.DataFrame, runs: Sequence[AblationRun], cfg: Config,
     else:  # a partial study says nothing about the ordering
         verdict = "not assessed (the study does not train all four variants)."
     lines = [
-        f"# Ablation on `scenes`: {', '.join(ordered)}",
+        f"# Ablation on `{dataset_label(cfg)}`, model `{cfg.model.name}`: {', '.join(ordered)}",
         "",
-        f"Test split ({cfg.data.scenes.n_test} images, unseen colour-object pairs), "
+        f"Test split ({test_split_description(cfg)}), "
         "single models, mean ± sample std over seeds. "
         f"MLflow group tag: `group={group}`.",
         "",

@@ -34,7 +34,7 @@ from aoq.cluster.tracking import (
     resolve_tracking_uri, set_tags, start_run, ui_link,
 )
 from aoq.cluster.train_loop import WorkerPayload, train_loop_per_worker
-from aoq.config import Config, ConfigError, dump_yaml, parse_negative_source
+from aoq.config import BUILT_IN_DATASETS, Config, ConfigError, dump_yaml, parse_negative_source
 from aoq.config.paths import check_paths
 from aoq.data.prepare import PreparedData, open_split, prepare_data
 from aoq.inspection.gallery import GALLERY_FILE, gallery_for_checkpoint, write_gallery
@@ -292,7 +292,8 @@ def build_trainer(cfg: Config, payload: WorkerPayload, run_name: str,
 
 
 def _run_tags(cfg: Config, prepared: PreparedData) -> dict[str, str]:
-    dataset = "scenes" if cfg.data.dataset == "scenes" else Path(prepared.directory).name
+    dataset = (cfg.data.dataset if cfg.data.dataset in BUILT_IN_DATASETS
+               else Path(prepared.directory).name)
     return {
         **cfg.tracking.tags,  # first: aoq's own tags below win (validation refuses them)
         "dataset": dataset,

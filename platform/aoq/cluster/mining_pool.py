@@ -150,9 +150,11 @@ class MiningWorker:
         return rows
 
     def topk(self, shard: Shard, image_emb: np.ndarray, caption_emb: np.ndarray,
-             k_captions: int, k_images: int) -> tuple[np.ndarray, np.ndarray]:
+             k_captions: int, k_images: int, score_margin: float | None = None
+             ) -> tuple[np.ndarray, np.ndarray]:
         tables = mine_shard(shard, image_emb, caption_emb, k_captions, k_images,
-                            self.split.captions_per_image, device=self.device)
+                            self.split.captions_per_image, device=self.device,
+                            score_margin=score_margin)
         give_back_memory()
         return tables
 
@@ -224,9 +226,10 @@ class MiningPool:
                          f"({len(results) / elapsed:.2f} shards/s, {elapsed:.1f}s)")
         return results
 
-    def mine(self, weights: dict[str, Any], version: int, k_captions: int, k_images: int
-             ) -> tuple[np.ndarray, np.ndarray]:
-        """Exact (i2t, t2i) for the training split under ``weights``."""
+    def mine(self, weights: dict[str, Any], version: int, k_captions: int, k_images: int,
+             score_margin: float | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Exact (i2t, t2i) for the training split under ``weights`` (score-filtered
+        when ``score_margin`` is given: :mod:`aoq.negatives.filters`)."""
         shards = plan_shards(self.n_images, self.spec.shards or 2 * len(self.actors),
                              align=self.spec.embed_batch)
         weights_ref = ray.put({k: v.detach().cpu() for k, v in weights.items()})
@@ -238,7 +241,7 @@ class MiningPool:
         images_ref, captions_ref = ray.put(image_emb), ray.put(caption_emb)
         rows = self._run_phase(
             "mining top-K", shards, lambda actor, shard: self._retrying(actor.topk).remote(
-                shard, images_ref, captions_ref, k_captions, k_images))
+                shard, images_ref, captions_ref, k_captions, k_images, score_margin))
         i2t = np.concatenate([rows[s.index][0] for s in shards])
         t2i = np.concatenate([rows[s.index][1] for s in shards])
         return i2t, t2i

@@ -45,13 +45,16 @@ class AsyncRefresher:
     """One refresh in flight at a time, run on a background thread."""
 
     def __init__(self, pool: MiningPool, root: str | Path, k_captions: int, k_images: int,
-                 publish: Callable[[Path], None] | None = None) -> None:
+                 publish: Callable[[Path], None] | None = None,
+                 score_margin: float | None = None) -> None:
         """``publish(version_dir)`` runs after a version is saved and before it is
-        reported (e.g. a push to run.storage, so other nodes can pull it)."""
+        reported (e.g. a push to run.storage, so other nodes can pull it);
+        ``score_margin`` turns on the score filter of the mined tables."""
         self.pool = pool
         self.publish = publish
         self.root = Path(root)
         self.k_captions, self.k_images = k_captions, k_images
+        self.score_margin = score_margin
         self._thread: threading.Thread | None = None
         self._result: RefreshResult | None = None
         self._lock = threading.Lock()
@@ -81,7 +84,8 @@ class AsyncRefresher:
     def _run(self, weights: dict[str, Any], version: int, snapshot_epochs: int) -> None:
         start = time.perf_counter()
         try:
-            i2t, t2i = self.pool.mine(weights, version, self.k_captions, self.k_images)
+            i2t, t2i = self.pool.mine(weights, version, self.k_captions, self.k_images,
+                                      self.score_margin)
             seconds = time.perf_counter() - start
             path = save_tables(self.root, version, i2t, t2i, epoch=snapshot_epochs,
                                source=f"model after {snapshot_epochs} epochs (actor pool, "

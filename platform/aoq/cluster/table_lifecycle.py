@@ -35,6 +35,7 @@ from aoq.cluster.tracking import RunHandle, set_tags
 from aoq.config import Config
 from aoq.data.prepare import PreparedData
 from aoq.models import RetrievalModel
+from aoq.negatives.filters import score_margin_of
 from aoq.negatives.from_model import mine_from_model
 from aoq.negatives.schedule import mine_at_epoch_start, mines_during_training
 from aoq.negatives.tables import CandidateTables, load_tables, save_tables, version_dir
@@ -213,7 +214,8 @@ class TableLifecycle:
         start = time.perf_counter()
         i2t, t2i = mine_from_model(self.session.core, self.session.train_split,
                                    k_captions=neg.k_captions, k_images=neg.k_images,
-                                   block_rows=neg.block_rows)
+                                   block_rows=neg.block_rows,
+                                   score_margin=score_margin_of(neg))
         seconds = time.perf_counter() - start
         save_tables(self.root, version, i2t, t2i, epoch=epoch,
                     source=f"model after {epoch} epochs (rank 0)", seconds=round(seconds, 3))
@@ -228,7 +230,8 @@ class TableLifecycle:
             neg = self.cfg.negatives
             pool = build_pool(self.cfg, self.session.prepared, self.session.output_dir.name)
             self.refresher = AsyncRefresher(pool, self.root, neg.k_captions, neg.k_images,
-                                            publish=self.storage.push)
+                                            publish=self.storage.push,
+                                            score_margin=score_margin_of(neg))
         refresher = self.refresher
         results = []
         finished = refresher.poll()

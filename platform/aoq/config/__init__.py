@@ -12,8 +12,10 @@ from aoq.config.loader import (
     section_from_dict,
 )
 from aoq.config.schema import (
+    BUILT_IN_DATASETS,
     Config,
     DataConfig,
+    EmojiConfig,
     LossConfig,
     ModelConfig,
     NegativesConfig,
@@ -25,7 +27,7 @@ from aoq.config.schema import (
 from aoq.config.validation import parse_negative_source, validate
 
 __all__ = [
-    "Config", "ConfigError", "DataConfig", "LossConfig", "ModelConfig", "NegativesConfig",
+    "BUILT_IN_DATASETS", "Config", "ConfigError", "DataConfig", "EmojiConfig", "LossConfig", "ModelConfig", "NegativesConfig",
     "OptimConfig", "RunConfig", "ScenesConfig", "TrackingConfig", "config_from_dict",
     "config_to_dict", "dump_yaml", "flatten", "load_config", "options_help",
     "parse_negative_source", "read_yaml", "section_from_dict", "validate",

@@ -19,7 +19,7 @@ from typing import Any
 import yaml
 
 from aoq.config.errors import ConfigError
-from aoq.config.schema import Config, iter_options
+from aoq.config.schema import BUILT_IN_DATASETS, Config, iter_options
 from aoq.config.validation import validate
 from aoq.storage import is_uri
 
@@ -243,7 +243,7 @@ def resolve_paths(cfg: Config, base: Path | None = None) -> None:
         for f in dataclasses.fields(sub):
             if f.metadata.get("path"):
                 value = getattr(sub, f.name)
-                if section.name == "data" and f.name == "dataset" and value == "scenes":
+                if section.name == "data" and f.name == "dataset" and value in BUILT_IN_DATASETS:
                     continue
                 setattr(sub, f.name, _absolute(value, base))
     kind, sep, rest = cfg.negatives.source.partition(":")

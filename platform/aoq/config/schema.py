@@ -75,13 +75,31 @@ class ScenesConfig:
 
 
 @dataclass
+class EmojiConfig:
+    """The built-in ``emoji`` dataset: OpenMoji artwork with Unicode/CLDR and community
+    text, built from installed packages (README, "The built-in emoji dataset")."""
+
+    seed: int = opt(0, "split seed; the same seed and package versions give identical files")
+    n_dev: int = opt(500, "dev images", min=1)
+    n_test: int = opt(1000, "test images; 1000 so that the 1K protocol applies", min=1)
+    max_images: int = opt(
+        0, "use only this many emoji (whole families, drawn by the seed); 0 = all of them",
+        min=0)
+    image_size: int = opt(72, "rendered width and height in pixels (a multiple of 24)", min=24)
+
+
+#: Dataset names that are built in (generated under data.cache_dir), not directories.
+BUILT_IN_DATASETS = ("scenes", "emoji")
+
+
+@dataclass
 class DataConfig:
     """Where the data comes from and how captions are turned into tokens."""
 
     dataset: str = opt(
         "scenes",
-        "'scenes' (built in, generated on first use) or a directory in the precomp layout "
-        "(<split>_ims.npy, <split>_caps.txt)",
+        "'scenes' (built in, synthetic), 'emoji' (built in from the OpenMoji and Unicode "
+        "packages) or a directory in the precomp layout (<split>_ims.npy, <split>_caps.txt)",
         path=True,
     )
     cache_dir: str = opt(
@@ -116,6 +134,7 @@ class DataConfig:
     loader_workers: int = opt(0, "DataLoader worker processes per training worker", min=0,
                               max=64)
     scenes: ScenesConfig = field(default_factory=ScenesConfig)
+    emoji: EmojiConfig = field(default_factory=EmojiConfig)
 
 
 @dataclass
@@ -199,6 +218,11 @@ class LossConfig:
         "do not count in-batch captions of the anchor's own image as negatives (the "
         "authors count them)",
     )
+    offline_triplet_weight: float = opt(
+        1.0, "weight of the two offline triplet terms in the loss (1 = the paper's loss)",
+        min=0.0)
+    quintuplet_weight: float = opt(
+        1.0, "weight of the two quintuplet terms in the loss (1 = the paper's loss)", min=0.0)
 
 
 @dataclass
@@ -216,6 +240,16 @@ class NegativesConfig:
         300, "h: draw n ~ U{0..h-1}; caption negative i2t[n], image negative t2i[n // 5]",
         min=1,
     )
+    range_min: int = opt(
+        0, "skip the top-ranked candidates: draw n ~ U{range_min..h-1} (the closest "
+        "matches are the likeliest false negatives; sentence-transformers' range_min)",
+        min=0)
+    score_filter: bool = opt(
+        False, "when mining, drop every candidate that the mining model scores at or above "
+        "its positive minus negatives.score_margin (a likely false negative)")
+    score_margin: float = opt(
+        0.0, "the score filter's margin: a candidate is kept only if it scores below the "
+        "positive by more than this (unused while score_filter is off)", min=0.0)
     warmup_epochs: int = opt(1, "epochs of plain triplet before the first mining", min=0)
     refresh_every: int = opt(1, "re-mine every N epochs; 0 = never refresh", min=0)
     block_rows: int = opt(1024, "rows per block in the exact top-K search", min=1,

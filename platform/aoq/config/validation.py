@@ -136,8 +136,21 @@ def _tracking_problems(cfg: Config) -> list[str]:
     return [p for p in problems if p]
 
 
+def _negative_option_problems(cfg: Config) -> list[str]:
+    """range_min against the sampling range. (score_margin is simply unused while
+    score_filter is off, so that a Tune space can search the two independently.)"""
+    neg = cfg.negatives
+    problems = []
+    if neg.range_min >= neg.sampling_range:
+        problems.append(f"negatives.range_min={neg.range_min}: must be < "
+                        f"negatives.sampling_range={neg.sampling_range} (draws come from "
+                        "ranks range_min..sampling_range-1)")
+    return problems
+
+
 def validate(cfg: Config) -> None:
     """Raise one ConfigError listing every problem, or return None if the config is sound."""
-    problems = _field_problems(cfg) + _cross_problems(cfg) + _tracking_problems(cfg)
+    problems = (_field_problems(cfg) + _cross_problems(cfg) + _negative_option_problems(cfg)
+                + _tracking_problems(cfg))
     if problems:
         raise ConfigError("invalid config:\n  - " + "\n  - ".join(problems))

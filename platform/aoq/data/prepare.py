@@ -17,6 +17,7 @@ import numpy as np
 
 from aoq.atomic import atomic_write_text
 from aoq.data.captions import TokenizedCaptions, cached_tokens, file_digest, read_cache, writable_dir
+from aoq.data.emoji import ensure_emoji
 from aoq.data.errors import DataError
 from aoq.data.precomp import read_precomp
 from aoq.data.scenes import ensure_scenes
@@ -102,13 +103,16 @@ class SplitArrays:
 
 
 def dataset_directory(cfg, *, progress: bool = False) -> Path:
-    """The precomp directory of ``cfg.dataset``, generating ``scenes`` on first use."""
+    """The precomp directory of ``cfg.dataset``, building ``scenes`` or ``emoji`` on
+    first use."""
     if cfg.dataset == "scenes":
         return ensure_scenes(cfg.scenes, Path(cfg.cache_dir), progress=progress)
+    if cfg.dataset == "emoji":
+        return ensure_emoji(cfg.emoji, Path(cfg.cache_dir), progress=progress)
     directory = Path(cfg.dataset)
     if not directory.is_dir():
-        raise DataError("data.dataset: no such directory (expected 'scenes' or a directory "
-                        "in the precomp layout)", path=directory)
+        raise DataError("data.dataset: no such directory (expected 'scenes', 'emoji' or a "
+                        "directory in the precomp layout)", path=directory)
     return directory
 
 

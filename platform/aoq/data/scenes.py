@@ -19,6 +19,10 @@ How it makes the point:
 * **Binding matters.** A region's feature is a fixed random *nonlinear* function of its
   object, colour and size, plus a position code and noise; a bag of words or a bag of
   regions cannot tell "a red dog and a blue car" from "a blue dog and a red car".
+* **Regions look like a detector's.** Most of the 36 regions are boxes on the objects
+  (overlapping boxes, parts, context), a few are background, in confidence order
+  (:class:`_Renderer`), as bottom-up-attention features are: a model that reads regions
+  in sequence (VSRN's GRU) sees the objects, not 28 shuffled background boxes.
 * **The test split holds unseen combinations.** A fixed fraction of (colour, object)
   pairs never occurs in train; every dev and test scene contains at least one of them,
   so a model must compose what it learned rather than memorise pairs.
@@ -45,7 +49,7 @@ from aoq.data.pictures import scene_records_path
 from aoq.data.precomp import images_path, write_captions
 
 #: Bump when the generator's output changes, so old caches are not reused.
-GENERATOR_VERSION = 4
+GENERATOR_VERSION = 5
 
 OBJECTS = {
     "dog": ("dog", "puppy"), "cat": ("cat", "kitten"), "horse": ("horse", "pony"),
@@ -252,13 +256,39 @@ def captions_for(scene: Scene, rng: np.random.Generator) -> list[str]:
 
 
 class _Renderer:
-    """Maps scenes to (n_regions, dim) float32 region features.
+    """Maps scenes to (n_regions, dim) float32 region features shaped like a detector's.
 
-    Object regions carry a random two-layer tanh network of (object, colour, size)
-    embeddings, so the colour is *bound* to its object nonlinearly; part regions carry
-    only the object or only the colour; all carry a position code; the rest of the
-    regions show the background. Gaussian noise is added everywhere.
+    Real bottom-up-attention features are 36 object proposals kept by confidence: most
+    boxes sit on the objects (several overlapping boxes per object, parts, boxes with
+    some context), a few on "stuff" (grass, street), all in the detector's fixed order,
+    most confident first. The regions here follow that, per object (``PER_OBJECT``):
+
+    * a whole-object box: a random two-layer tanh network of (object, colour, size)
+      embeddings, so the colour is *bound* to its object nonlinearly; and
+      ``JITTERED`` shifted, rescaled copies of it (the overlapping boxes NMS keeps);
+    * a tighter box (the same code, weaker), two shape-only parts (object only), two
+      colour-only patches (colour only), two context boxes (object mixed with the
+      background);
+
+    then one box around both objects (both codes at their midpoint) and background
+    boxes for the rest. Every region carries a code of its position and noise. Each
+    region gets a noisy confidence from its kind (whole objects highest, background as
+    low as the weaker object boxes) and the regions are sorted by it: the whole objects
+    first, then parts, context and background interleaved, the order varying as a
+    detector's does, never a random shuffle of the whole set.
     """
+
+    JITTERED = 4
+    #: (kind, confidence range) of the regions of one object, in the order built.
+    KINDS = (("whole", (0.85, 0.99)),) + (("jittered", (0.7, 0.9)),) * JITTERED + (
+        ("tight", (0.6, 0.8)), ("shape", (0.45, 0.65)), ("shape", (0.45, 0.65)),
+        ("colour", (0.4, 0.6)), ("colour", (0.4, 0.6)), ("context", (0.3, 0.5)),
+        ("context", (0.3, 0.5)))
+    PAIR_CONFIDENCE = (0.3, 0.45)
+    # Detectors trained on Visual Genome find "stuff" (grass, street, wall) with the
+    # confidence of object parts, so background boxes interleave with the weaker object
+    # boxes rather than all coming last.
+    BACKGROUND_CONFIDENCE = (0.1, 0.6)
 
     def __init__(self, rng: np.random.Generator, dim: int, n_regions: int, noise: float):
         hidden = 2 * dim
@@ -278,20 +308,41 @@ class _Renderer:
                           np.sin(np.pi * y), np.cos(np.pi * y)], dtype=np.float32)
         return basis @ self.pos
 
+    def _object_regions(self, o: SceneObject, background: np.ndarray,
+                        rng: np.random.Generator) -> list[tuple[float, np.ndarray]]:
+        code = np.tanh(self.e_obj[o.obj] + self.e_col[o.colour] + self.e_size[o.size]) @ self.w_out
+        out = []
+        for kind, (lo, hi) in self.KINDS:
+            dx, dy = (rng.uniform(-0.05, 0.05, size=2) if kind != "whole" else (0.0, 0.0))
+            pos = self._position(o.x + float(dx), o.y + float(dy))
+            if kind in ("whole", "jittered"):
+                feat = code * (1.0 if kind == "whole" else float(rng.uniform(0.7, 1.0)))
+            elif kind == "tight":
+                feat = 0.6 * code
+            elif kind == "shape":
+                feat = self.part_obj[o.obj]
+            elif kind == "colour":
+                feat = self.part_col[o.colour]
+            else:  # context: the object with some of what surrounds it
+                feat = 0.6 * code + 0.4 * background
+            out.append((float(rng.uniform(lo, hi)), feat + pos))
+        return out
+
     def render(self, scene: Scene, rng: np.random.Generator) -> np.ndarray:
-        regions = []
-        for o in scene.objects:
-            pos = self._position(o.x, o.y)
-            h = np.tanh(self.e_obj[o.obj] + self.e_col[o.colour] + self.e_size[o.size])
-            regions.append(h @ self.w_out + pos)                  # the whole object
-            regions.append(0.6 * (h @ self.w_out) + pos)          # a tighter box
-            regions.append(self.part_obj[o.obj] + pos)            # a shape-only part
-            regions.append(self.part_col[o.colour] + pos)         # a colour-only patch
+        background = self.bg[scene.background]
+        regions = [r for o in scene.objects for r in self._object_regions(o, background, rng)]
+        a, b = scene.objects
+        both = 0.5 * (np.tanh(self.e_obj[a.obj] + self.e_col[a.colour] + self.e_size[a.size])
+                      + np.tanh(self.e_obj[b.obj] + self.e_col[b.colour] + self.e_size[b.size])
+                      ) @ self.w_out
+        regions.append((float(rng.uniform(*self.PAIR_CONFIDENCE)),
+                        both + self._position((a.x + b.x) / 2, (a.y + b.y) / 2)))
         while len(regions) < self.n_regions:
-            regions.append(self.bg[scene.background] * float(rng.uniform(0.5, 1.0)))
-        feats = np.stack(regions[: self.n_regions]).astype(np.float32)
-        # Region order carries no meaning in detector output; shuffle it.
-        feats = feats[rng.permutation(len(feats))]
+            regions.append((float(rng.uniform(*self.BACKGROUND_CONFIDENCE)),
+                            background * float(rng.uniform(0.5, 1.0))))
+        # The detector's order: most confident first; a smaller n_regions keeps the top.
+        order = sorted(range(len(regions)), key=lambda i: -regions[i][0])[: self.n_regions]
+        feats = np.stack([regions[i][1] for i in order]).astype(np.float32)
         feats += rng.normal(scale=self.noise, size=feats.shape).astype(np.float32)
         return feats
 

@@ -16,6 +16,11 @@ Variants, each adding to the previous one:
   w_I = beta - (S(I, T_off) - S(I, T_on)) / alpha and likewise w_T. As in the authors'
   code they are neither clamped nor detached: the gradient flows through them and a
   weight may be negative.
+
+Per-term weights ``offline_triplet_weight`` and ``quintuplet_weight`` scale the two
+offline triplet terms and the two quintuplet terms in the summed loss (default 1: the
+paper's loss). :attr:`AOQLoss.last_terms` holds the unweighted terms, so runs with
+different weights log comparable hinge values.
 """
 
 from __future__ import annotations
@@ -77,12 +82,17 @@ class AOQLoss(nn.Module):
         beta: float = 1.5,
         max_violation: bool = True,
         mask_same_image: bool = False,
+        offline_triplet_weight: float = 1.0,
+        quintuplet_weight: float = 1.0,
     ) -> None:
         super().__init__()
         if variant not in VARIANTS:
             raise ValueError(f"variant={variant!r}: must be one of {VARIANTS}")
         if not alpha > 0:
             raise ValueError(f"alpha={alpha}: must be > 0")
+        if offline_triplet_weight < 0 or quintuplet_weight < 0:
+            raise ValueError(f"term weights must be >= 0, got offline_triplet_weight="
+                             f"{offline_triplet_weight}, quintuplet_weight={quintuplet_weight}")
         self.variant = variant
         self.margin_online = margin_online
         self.margin_offline = margin_offline
@@ -90,6 +100,15 @@ class AOQLoss(nn.Module):
         self.beta = beta
         self.max_violation = max_violation
         self.mask_same_image = mask_same_image
+        #: Weight of each term in the summed loss (the online terms carry w_I / w_T
+        #: inside them under ``aoq``).
+        self.term_weights = {
+            "online_image_anchor": 1.0, "online_caption_anchor": 1.0,
+            "offline_caption_negative": offline_triplet_weight,
+            "offline_image_negative": offline_triplet_weight,
+            "quintuplet_offline_pair": quintuplet_weight,
+            "quintuplet_positive_pair": quintuplet_weight,
+        }
         # Detached, so reading them never syncs a GPU until the caller asks for a number.
         self.last_terms: dict[str, torch.Tensor] = {}
 
@@ -100,6 +119,8 @@ class AOQLoss(nn.Module):
             variant=cfg.variant, margin_online=cfg.margin_online,
             margin_offline=cfg.margin_offline, alpha=cfg.alpha, beta=cfg.beta,
             max_violation=cfg.max_violation, mask_same_image=cfg.mask_same_image,
+            offline_triplet_weight=cfg.offline_triplet_weight,
+            quintuplet_weight=cfg.quintuplet_weight,
         )
 
     @property
@@ -199,6 +220,6 @@ class AOQLoss(nn.Module):
         image_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
         terms = self.terms(scores, offline, image_ids)
-        loss = sum(v for k, v in terms.items() if k in TERM_NAMES)
+        loss = sum(self.term_weights[k] * v for k, v in terms.items() if k in TERM_NAMES)
         self.last_terms = {k: v.detach() for k, v in terms.items()}
         return loss  # type: ignore[return-value]

@@ -65,7 +65,9 @@ class CaptionGenerator(nn.Module):
     """VSRN's auxiliary captioner (an attention GRU encoder-decoder, teacher-forced).
 
     (B, R, E) reasoned regions and (B, L) target tokens -> masked negative
-    log-likelihood summed over words, averaged over captions."""
+    log-likelihood summed over words, averaged over captions. As the authors' code, the
+    loss also counts the one padding position after ``<end>`` (predicting ``<pad>``
+    there), and the output layer starts xavier-normal."""
 
     def __init__(self, vocab_size: int, region_dim: int, hidden: int, word_dim: int,
                  max_len: int, dropout: float = 0.2) -> None:
@@ -78,6 +80,7 @@ class CaptionGenerator(nn.Module):
         self.attn_score = nn.Linear(hidden, 1, bias=False)
         self.decoder = nn.GRU(hidden + word_dim, hidden, batch_first=True)
         self.out = nn.Linear(hidden, vocab_size)
+        nn.init.xavier_normal_(self.out.weight)
         self.dropout = nn.Dropout(dropout)
         self.max_len = max_len
 
@@ -98,7 +101,10 @@ class CaptionGenerator(nn.Module):
         memory, state = self.encoder(self.dropout(self.project(regions)))
         hidden = self.attn_hidden.weight.shape[0]
         keys = F.linear(memory, self.attn_hidden.weight[:, :hidden], self.attn_hidden.bias)
-        steps = min(int(lengths.max()), self.max_len) - 1
+        # One more target than words: the <pad> after <end> (a column of padding is
+        # added so that the longest caption has one too).
+        tokens = F.pad(tokens, (0, 1))
+        steps = min(int(lengths.max()) + 1, self.max_len) - 1
         words = self.embed(tokens[:, :steps])
         log_probs = []
         for t in range(steps):
@@ -107,7 +113,7 @@ class CaptionGenerator(nn.Module):
             out, state = self.decoder(step_in, state)
             log_probs.append(F.log_softmax(self.out(out[:, 0]), dim=-1))
         targets = tokens[:, 1:steps + 1]
-        mask = (torch.arange(1, steps + 1, device=tokens.device)[None] <
+        mask = (torch.arange(1, steps + 1, device=tokens.device)[None] <=
                 lengths.to(tokens.device)[:, None]).float()
         nll = -torch.stack(log_probs, 1).gather(2, targets[..., None])[..., 0]
         return (nll * mask).sum() / tokens.shape[0]

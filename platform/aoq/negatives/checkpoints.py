@@ -11,6 +11,7 @@ import numpy as np
 from aoq.data.errors import DataError
 from aoq.data.prepare import DataSignature, SplitArrays
 from aoq.models.files import load_model_for
+from aoq.negatives.filters import score_margin_of
 from aoq.negatives.from_model import mine_from_model
 
 
@@ -26,7 +27,7 @@ def mine_from_checkpoint(
     """Tables of ``split`` under the model stored at ``path`` (a ``best_model.pt``).
 
     Args:
-        neg_cfg: the ``negatives`` config section (K's and block size).
+        neg_cfg: the ``negatives`` config section (K's, block size, score filter).
         vocab_size, vocab_fingerprint: the data's vocabulary
             (``PreparedData.vocab_size`` / ``.vocab_fingerprint``); the checkpoint must
             have been trained with it (:func:`aoq.models.files.check_fits_data`).
@@ -49,7 +50,7 @@ def mine_from_checkpoint(
     start = time.perf_counter()
     i2t, t2i = mine_from_model(model, split, k_captions=neg_cfg.k_captions,
                                k_images=neg_cfg.k_images, block_rows=neg_cfg.block_rows,
-                               progress=progress)
+                               progress=progress, score_margin=score_margin_of(neg_cfg))
     meta = {"source": f"checkpoint:{os.fspath(path)}", "epoch": record.get("epoch"),
             "seconds": round(time.perf_counter() - start, 3)}
     return i2t, t2i, meta

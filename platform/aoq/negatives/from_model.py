@@ -18,9 +18,11 @@ def mine_from_model(
     k_images: int,
     block_rows: int = 2048,
     progress: bool = False,
+    score_margin: float | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Exact i2t (n_images, k_captions) and t2i (n_captions, k_images) tables of ``split``
-    under ``model``'s current weights.
+    under ``model``'s current weights (score-filtered when ``score_margin`` is given:
+    :mod:`aoq.negatives.filters`).
 
     Only global-embedding models can mine this way; cross-attention models take their
     negatives from a global "mining model" (as the authors used VSRN for BFAN).
@@ -32,5 +34,5 @@ def mine_from_model(
     images, captions = encode_split(model, split, progress=progress)
     return mine_candidates(
         images, captions, k_captions, k_images, split.captions_per_image,
-        block_rows=block_rows, progress=progress,
+        block_rows=block_rows, progress=progress, score_margin=score_margin,
     )

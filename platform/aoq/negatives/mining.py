@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from aoq.negatives.filters import caption_positive_scores, filter_rows, image_positive_scores
 from aoq.search import SearchOptions, topk_rows_and_columns
 from aoq.search.checks import as_matrix, check_finite, check_int
 
@@ -41,6 +42,7 @@ def mine_candidates(
     precision: str = "fp32",
     stats: dict[str, Any] | None = None,
     options: SearchOptions | None = None,
+    score_margin: float | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Exact offline candidate tables from one pass of products.
 
@@ -66,6 +68,9 @@ def mine_candidates(
             are much faster than fp32 and gathers are cheap (GPUs).
         stats: if given, filled with counters (candidates, recomputed rows, ...).
         options: search tuning (:class:`aoq.search.SearchOptions`); None: defaults.
+        score_margin: None, or the margin m of the score filter: each row keeps only
+            candidates scoring below its positive minus m, first and in order
+            (:mod:`aoq.negatives.filters`).
 
     Returns:
         ``(i2t, t2i)``: i2t (n_images, k_captions) int64 caption ids and t2i
@@ -94,11 +99,20 @@ def mine_candidates(
                          why="n_images - 1")
     check_finite("image_emb", images)
     check_finite("caption_emb", captions)
-    # Scores are not kept (want_scores=False) and t2i is built as int32 in place: the
+    # Scores are kept only for the filter, and t2i is built as int32 in place: the
     # tables are all that training reads, and they are large.
-    (_, i2t), (_, t2i) = topk_rows_and_columns(
+    filtering = score_margin is not None
+    (i2t_scores, i2t), (t2i_scores, t2i) = topk_rows_and_columns(
         images, captions, k_captions, k_images, exclude_groups=(1, cpi),
         block_rows=block_rows, tile_cols=tile_cols, device=device,
         progress="mining" if progress else False, precision=precision, stats=stats,
-        want_scores=False, column_dtype=torch.int32, check_finite=False, options=options)
+        want_scores=filtering, column_dtype=torch.int32, check_finite=False,
+        options=options)
+    if filtering:
+        i2t, i2t_stats = filter_rows(i2t, i2t_scores, image_positive_scores(
+            images, captions, 0, n_images, cpi), score_margin)
+        t2i, t2i_stats = filter_rows(t2i, t2i_scores, caption_positive_scores(
+            images, captions, 0, n_captions, cpi), score_margin)
+        if stats is not None:
+            stats["score_filter"] = {"i2t": i2t_stats, "t2i": t2i_stats}
     return i2t, t2i

@@ -1,7 +1,9 @@
 """Drawing offline negatives from candidate tables, by the authors' rule
 (docs/architecture.md, "The method").
 
-For an anchor pair (image i, caption j) one draw n ~ U{0..h-1} picks both negatives:
+For an anchor pair (image i, caption j) one draw n ~ U{r..h-1} picks both negatives
+(h = ``negatives.sampling_range``; r = ``negatives.range_min``, 0 by default as in the
+paper, skips the top r candidates, the likeliest false negatives):
 the caption negative T_off = i2t[i, n] and the image negative I_off = t2i[j, n // 5]
 (so images come from the top h/5 of t2i). Their positives complete the quintuplet:
 P_img = T_off // 5 (the image T_off describes) and P_cap = a random caption of I_off.
@@ -43,6 +45,7 @@ def draw_offline(
     sampling_range: int,
     rng: np.random.Generator,
     captions_per_image: int = 5,
+    range_min: int = 0,
 ) -> OfflineDraw:
     """Draw one offline quintuplet per anchor caption.
 
@@ -54,6 +57,7 @@ def draw_offline(
         rng: the generator; the caller seeds it from where the draw is in training
             (:func:`sampling_rng`, :func:`epoch_sampling_rng`) so that draws are
             reproducible and independent of loader processes.
+        range_min: r, the first rank drawn (0 <= r < h): n ~ U{r..h-1}.
 
     Raises:
         CorruptTableError: if a table hands back a positive as a negative.
@@ -62,8 +66,11 @@ def draw_offline(
     if sampling_range > i2t.shape[1] or -(-sampling_range // captions_per_image) > t2i.shape[1]:
         raise ValueError(f"sampling_range={sampling_range} does not fit tables of width "
                          f"{i2t.shape[1]} (i2t) and {t2i.shape[1]} (t2i)")
+    if not 0 <= range_min < sampling_range:
+        raise ValueError(f"range_min={range_min} must be in 0..sampling_range-1 "
+                         f"({sampling_range - 1})")
     images = caption_ids // captions_per_image
-    n = rng.integers(0, sampling_range, size=len(caption_ids))
+    n = rng.integers(range_min, sampling_range, size=len(caption_ids))
     caption_negative = np.asarray(i2t[images, n], dtype=np.int64)
     image_negative = np.asarray(t2i[caption_ids, n // captions_per_image], dtype=np.int64)
     offset = rng.integers(0, captions_per_image, size=len(caption_ids))

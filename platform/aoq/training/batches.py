@@ -175,12 +175,13 @@ class PairDataset(torch.utils.data.Dataset):
         tables: CandidateTables | None = None,
         draws: str = "batch",
         deduplicate: bool = False,
+        range_min: int = 0,
     ) -> None:
         if draws not in DRAW_KEYS:
             raise ValueError(f"draws={draws!r}: must be one of {DRAW_KEYS}")
         self.split = split
         self.seed, self.rank = seed, rank
-        self.sampling_range = sampling_range
+        self.sampling_range, self.range_min = sampling_range, range_min
         self.tables = tables
         self.draws = draws
         self.deduplicate = deduplicate
@@ -202,14 +203,15 @@ class PairDataset(torch.utils.data.Dataset):
         if self.draws == "batch":
             rng = sampling_rng(self.seed, request.epoch, self.rank, request.step)
             return draw_offline(request.caption_ids, tables.i2t, tables.t2i,
-                                self.sampling_range, rng, cpi)
+                                self.sampling_range, rng, cpi, self.range_min)
         if self._epoch_draw is None or self._epoch_draw[0] != request.epoch:
             # Every caption is an anchor once per epoch, so drawing for all of them at
             # once costs what the epoch's batches would, and makes entry j depend on
             # (seed, epoch, j) only.
             whole = draw_offline(np.arange(len(self)), tables.i2t, tables.t2i,
                                  self.sampling_range,
-                                 epoch_sampling_rng(self.seed, request.epoch), cpi)
+                                 epoch_sampling_rng(self.seed, request.epoch), cpi,
+                                 self.range_min)
             self._epoch_draw = (request.epoch, whole)
         return take_draw(self._epoch_draw[1], np.asarray(request.caption_ids, dtype=np.int64))
 

@@ -117,7 +117,8 @@ class TrainingSession:
         self.dataset = PairDataset(self.train_split, seed=cfg.run.seed, rank=self.rank,
                                    sampling_range=cfg.negatives.sampling_range,
                                    draws="pair" if self.global_batch else "batch",
-                                   deduplicate=core.encodes_items_independently)
+                                   deduplicate=core.encodes_items_independently,
+                                   range_min=cfg.negatives.range_min)
         self.sampler = sampler_class(len(self.dataset), cfg.optim.batch_size,
                                      rank=self.rank, world=self.world, seed=cfg.run.seed)
         self.loader = make_loader(self.dataset, self.sampler, cfg.data.loader_workers,
