@@ -45,7 +45,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     uri, experiment = resolve_tracking_uri(cfg.tracking), cfg.tracking.experiment
 
     def runs(prefix: str) -> list:
-        return [summarize_run(uri, experiment, f"{prefix}-s{s}") for s in args.seeds]
+        return [summarize_run(uri, experiment, cfg.run.storage, f"{prefix}-s{s}") for s in args.seeds]
 
     print(arms_table([Arm(label, runs(prefix), runs(first[label]) if label in first else [])
                       for label, prefix in arms.items()]))

@@ -18,6 +18,7 @@ import numpy as np
 
 from aoq.cluster.tracking import _client, ensure_experiment, find_run
 from aoq.config import ConfigError
+from aoq.storage import run_location
 
 HARDNESS_KEYS = ("train/hardness_offline_mean", "train/hardness_online_mean")
 
@@ -37,9 +38,10 @@ class Arm:
     first_round: list[RunSummary]  # runs this arm's tables came from ([] if none)
 
 
-def summarize_run(uri: str, experiment: str, name: str) -> RunSummary:
-    """Test rsum, minutes and hardness history of the finished run called ``name``."""
-    run = find_run(uri, ensure_experiment(uri, experiment), name)
+def summarize_run(uri: str, experiment: str, storage: str, name: str) -> RunSummary:
+    """Test rsum, minutes and hardness history of the finished run called ``name`` whose
+    outputs are under ``storage`` (``run.storage``)."""
+    run = find_run(uri, ensure_experiment(uri, experiment), name, run_location(storage, name))
     if run is None or run.info.status != "FINISHED" or "test/rsum" not in run.data.metrics:
         raise ConfigError(f"no finished run named {name!r} with test metrics in {uri}")
     client = _client(uri)
