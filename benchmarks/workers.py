@@ -107,8 +107,8 @@ def compare(reference: dict, other: dict) -> dict:
     tables = {}
     for version in sorted(p.name for p in (reference["dir"] / "negatives").glob("v*")):
         for table in ("i2t", "t2i"):
-            x = np.load(reference["dir"] / "negatives" / version / f"{table}.npy")
-            y = np.load(other["dir"] / "negatives" / version / f"{table}.npy")
+            x, y = (np.load(run["dir"] / "negatives" / version / f"{table}.npy",
+                            allow_pickle=False) for run in (reference, other))
             tables[f"{version}/{table}"] = f"{int((x != y).sum())} of {x.size} entries differ"
     return {"max_abs_weight_difference": diff, "tables": tables,
             "job_seconds": other["seconds"]}

@@ -24,17 +24,17 @@ pytestmark = [pytest.mark.ray]
 def test_a_space_that_samples_more_workers_than_the_cluster_is_refused(
         tmp_path: Path, scenes_cache: Path, local_ray) -> None:
     """Before: the resource check used only the base config (2 workers), so a trial that
-    sampled 3 could never be placed and its worker group was retried forever."""
+    sampled 4 could never be placed and its worker group was retried forever."""
     space = tmp_path / "workers.yaml"
-    space.write_text("params:\n  run.num_workers: {distribution: choice, values: [1, 3]}\n"
+    space.write_text("params:\n  run.num_workers: {distribution: choice, values: [1, 4]}\n"
                      "  loss.margin_online: {distribution: uniform, low: 0.1, high: 0.3}\n")
     spec = StudySpec(name="wide", space=str(space), samples=2,
                      overrides=tuple(small_overrides(tmp_path, scenes_cache,
                                                      "loss.variant=triplet")))
     with pytest.raises(ConfigError) as info:
         run_study(spec)
-    assert f"{space}: a trial could sample run.num_workers=3, loss.margin_online=0.1: " \
-           "run.num_workers=3 x run.cpus_per_worker=1.0 needs 3 CPUs, but the Ray cluster " \
+    assert f"{space}: a trial could sample run.num_workers=4, loss.margin_online=0.1: " \
+           "run.num_workers=4 x run.cpus_per_worker=1.0 needs 4 CPUs, but the Ray cluster " \
            "has 2" in str(info.value)
     study = tmp_path / "runs" / "studies" / "wide"
     assert not (study / "study.json").exists() and not (study / "tune").exists()
@@ -60,11 +60,11 @@ def test_a_worker_group_that_cannot_be_placed_fails_after_bounded_retries(
     """On a cluster this process did not start, resources are not checked up front (it
     may autoscale); a group that never fits must still end, as a failed run."""
     cfg = small_config(tmp_path, scenes_cache, "loss.variant=triplet", "optim.epochs=1",
-                       "run.num_workers=3", "run.start_timeout_s=1", "run.start_retries=1",
+                       "run.num_workers=4", "run.start_timeout_s=1", "run.start_retries=1",
                        "run.name=unplaceable")
     with pytest.raises(TrainingFailed) as info:
         run_training(cfg)
-    assert "run 'unplaceable': the worker group (3 workers x 1 CPUs each) could not be " \
+    assert "run 'unplaceable': the worker group (4 workers x 1 CPUs each) could not be " \
            "placed in 2 tries of run.start_timeout_s=1s (run.start_retries=1)" \
            in str(info.value)
     client = store_client(tmp_path)
