@@ -1,5 +1,5 @@
 """Wall time and memory of the default job, ``python jobs/train.py``, side by side
-(results: docs/benchmarks.md §6).
+(results: docs/benchmarks.md §8).
 
 Each *variant* is a source tree (its ``jobs/train.py`` and ``platform/``): the tree of
 this checkout, or an export of an older commit (``git archive <commit> | tar -x -C

@@ -1,4 +1,4 @@
-"""What gathering a global batch across ranks costs (docs/benchmarks.md §6).
+"""What gathering a global batch across ranks costs (docs/benchmarks.md §7).
 
 Two ranks (processes joined in a gloo group, as Ray Train joins them; no Ray here), each
 with one thread and the real TrainingSession, its model in DDP. Each rank trains the

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# GPU figures in one short run (docs/benchmarks.md §7): on ONE CUDA device, in under
+# GPU figures in one short run (docs/benchmarks.md §9): on ONE CUDA device, in under
 # 8 minutes in all, run
 #   1. the default job (python jobs/train.py, through benchmarks/default_job.py: wall
 #      time, PSS of the process tree, test rsum);
