@@ -1,4 +1,4 @@
-"""A Ray Tune study end to end: real trials (2-worker TorchTrainers), ASHA, real MLflow."""
+"""A Ray Tune study end to end: real trials (1-worker TorchTrainers), ASHA, real MLflow."""
 
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ def study(tmp_path_factory: pytest.TempPathFactory, scenes_cache: Path, local_ra
     # No tracking.uri: the default ./mlflow.db must resolve against the driver's working
     # directory, not against the per-trial directories Tune runs trials in.
     overrides = tuple(o for o in small_overrides(tmp, scenes_cache, "loss.variant=triplet",
-                                                 f"optim.epochs={EPOCHS}")
+                                                 f"optim.epochs={EPOCHS}", "run.num_workers=1")
                       if not o.startswith("tracking.uri="))
     spec = StudySpec(name="margins", space=str(ROOT / "tune_spaces" / "margins.yaml"),
                      overrides=overrides, samples=3, scheduler="asha", seed=0)
