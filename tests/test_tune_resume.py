@@ -35,7 +35,7 @@ def test_a_killed_study_resumes_without_repeating_a_trial(tmp_path: Path,
             for d in trials.iterdir())
 
     signal_driver_when(
-        tune_command("--space", str(ROOT / "tune_spaces" / "margins.yaml"), "--samples", "2",
+        tune_command("--space", str(ROOT / "tune_spaces" / "margins.yaml"), "--samples", "3",
                      "--scheduler", "fifo", "--max-concurrent", "1", "--name", "resumable",
                      *overrides),
         a_second_trial_checkpointed, signal.SIGKILL, log=tmp_path / "driver.log", cwd=tmp_path)
@@ -55,9 +55,9 @@ def test_a_killed_study_resumes_without_repeating_a_trial(tmp_path: Path,
         [experiment.experiment_id],
         filter_string=f"tags.`mlflow.parentRunId` = '{parents[0].info.run_id}'")
     trial_ids = [r.data.tags["aoq.tune.trial_id"] for r in runs]
-    assert len(runs) == 2 and len(set(trial_ids)) == 2  # one run per trial, no repeats
+    assert len(runs) == 3 and len(set(trial_ids)) == 3  # one run per trial, no repeats
     assert all(r.info.status == "FINISHED" for r in runs), [r.info.status for r in runs]
-    assert len(finished()) == 2  # every trial reached its test evaluation
+    assert len(finished()) == 3  # every trial reached its test evaluation
     # The trial that had finished before the kill was not trained again.
     for name, mtime in first_done.items():
         assert (trials / name / "test_metrics.json").stat().st_mtime_ns == mtime
