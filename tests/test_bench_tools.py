@@ -63,7 +63,10 @@ def test_mining_profile_names_the_selection_steps(bench) -> None:
                                    "--k-images", "10", "--profile", "100"])
     for call in ("i2t", "both tables"):
         rows = report["profile"][call]
-        assert len(rows) == 15 and any("torch.mm" in row[3] for row in rows), rows
+        # At this tiny size selection, not the products, fills the top of the profile
+        # (which of the products' frames make the top 15 depends on timing).
+        assert len(rows) == 15 and any(step in row[3] for row in rows
+                                       for step in ("_select", "partition", "nonzero")), rows
         assert sum(row[1] for row in rows) <= 1.0 and all(row[2] >= 1 for row in rows)
 
 
