@@ -17,7 +17,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 import aoq.models  # noqa: F401 - registers the model names that config validation checks
-from aoq.cluster.job import TrainingOutcome, run_training
+from aoq.cluster.job import LOCAL_RAY_ENV, TrainingOutcome, run_training
 from aoq.config import Config, load_config
 
 # Ray Train's controller polls its workers every 2 s by default, so every small job here
@@ -25,15 +25,22 @@ from aoq.config import Config, load_config
 # about thirty jobs. Set before any Ray instance starts, so every Ray process (and every
 # driver subprocess) inherits it.
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
+# The tests' local Ray instances run with the settings the driver gives a local Ray it
+# starts (no preemption watcher, no Train metrics): each is a process or callbacks per job.
+for _key, _value in LOCAL_RAY_ENV.items():
+    os.environ.setdefault(_key, _value)
 
 # Small enough to train in seconds on 2 cores, big enough for every code path
 # (two DDP ranks with several steps each, mining with K < n, 1K-style evaluation).
+# One mining actor (in 2 shards): every actor is a process importing torch, and the
+# tests of several actors ask for them (test_async_refresh_e2e.py, test_multinode.py).
 SMALL_SCENES = [
     "data.scenes.n_train=240", "data.scenes.n_dev=40", "data.scenes.n_test=100",
     "data.scenes.feature_dim=32", "data.scenes.n_regions=12",
     "model.embed_dim=32", "model.word_dim=16",
     "optim.batch_size=32", "data.dev_max_images=40",
     "negatives.k_captions=100", "negatives.k_images=40", "negatives.sampling_range=50",
+    "negatives.pool_actors=1",
 ]
 
 
