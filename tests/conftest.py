@@ -26,7 +26,7 @@ from aoq.config import Config, load_config
 # driver subprocess) inherits it.
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
 # The tests' local Ray instances run with the settings the driver gives a local Ray it
-# starts (no preemption watcher, no Train metrics): each is a process or callbacks per job.
+# starts (no preemption watcher: one process fewer per job).
 for _key, _value in LOCAL_RAY_ENV.items():
     os.environ.setdefault(_key, _value)
 

@@ -193,10 +193,8 @@ def initial_tables(cfg: Config, prepared: PreparedData, storage: RunStorage) -> 
 #: Environment for the processes of a Ray instance the driver starts itself (they
 #: inherit the driver's; a cluster's nodes keep their own). One machine has no
 #: autoscaler to drain it, so Ray Train's preemption watcher, one more actor process
-#: (~100 MiB PSS) polling every 5 s, has nothing to watch; and no Prometheus scrapes a
-#: Ray the driver started, so Ray Train's controller and worker metrics callbacks only
-#: cost CPU (about 1 s of each small job's wall time, docs/benchmarks.md §8).
-LOCAL_RAY_ENV = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0", "RAY_TRAIN_METRICS_ENABLED": "0"}
+#: (~100 MiB PSS) polling every 5 s, has nothing to watch (docs/benchmarks.md §8).
+LOCAL_RAY_ENV = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
 
 
 def connect_ray() -> bool:
