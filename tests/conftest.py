@@ -161,10 +161,12 @@ def _ray_order(item: pytest.Item) -> int:
 
 
 def _order(item: pytest.Item) -> tuple[int, int]:
-    """End-to-end tests first: the suite runs in two processes (``-n 2 --dist loadfile``
-    in pyproject.toml), each taking the next whole module as it frees up, so the long
-    modules start early and the many short ones fill the end on both processes."""
-    return (0 if item.get_closest_marker("e2e") else 1, _ray_order(item))
+    """Modules marked ``long`` first, then the other end-to-end ones: the suite runs in
+    two processes (``-n 2 --dist loadfile`` in pyproject.toml), each taking the next
+    whole module as it frees up, so the long modules start early and the many short
+    ones fill the end on both processes (a long module started last would run alone)."""
+    weight = 0 if item.get_closest_marker("long") else 1 if item.get_closest_marker("e2e") else 2
+    return (weight, _ray_order(item))
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

@@ -20,7 +20,7 @@ from aoq.negatives.tables import list_versions
 
 from conftest import in_background, killing, small_config, store_client, used_versions
 
-pytestmark = [pytest.mark.ray, pytest.mark.e2e]
+pytestmark = [pytest.mark.ray, pytest.mark.e2e, pytest.mark.long]
 
 EPOCHS = 6
 ASYNC = ["loss.variant=aoq", "negatives.source=mine", f"optim.epochs={EPOCHS}",

@@ -15,7 +15,7 @@ from aoq.negatives.tables import list_versions, load_tables
 
 from conftest import store_client, train_small
 
-pytestmark = [pytest.mark.ray, pytest.mark.e2e]
+pytestmark = [pytest.mark.ray, pytest.mark.e2e, pytest.mark.long]
 
 VSRN_SMALL = ("model.caption_hidden=16", "model.caption_word_dim=8")
 

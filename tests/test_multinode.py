@@ -20,7 +20,7 @@ import pytest
 from conftest import small_overrides, store_client
 from ray_head import free_ports
 
-pytestmark = [pytest.mark.ray, pytest.mark.e2e]
+pytestmark = [pytest.mark.ray, pytest.mark.e2e, pytest.mark.long]
 
 NODE = {"num_cpus": 2, "object_store_memory": 200 * 1024 * 1024}
 

@@ -27,7 +27,7 @@ from conftest import (
     train_small, used_versions, wait_gone,
 )
 
-pytestmark = [pytest.mark.ray, pytest.mark.e2e]
+pytestmark = [pytest.mark.ray, pytest.mark.e2e, pytest.mark.long]
 
 ROOT = Path(__file__).resolve().parents[1]
 EPOCHS = 4

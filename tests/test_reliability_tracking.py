@@ -29,6 +29,8 @@ from conftest import (
     driver_env, signal_driver_when, small_overrides, store_client, used_versions, wait_gone,
 )
 
+pytestmark = pytest.mark.long  # three drivers, each starting its own Ray
+
 ROOT = Path(__file__).resolve().parents[1]
 
 

@@ -14,7 +14,7 @@ from aoq.config import load_config
 
 from conftest import small_overrides, store_client
 
-pytestmark = [pytest.mark.ray, pytest.mark.e2e]
+pytestmark = [pytest.mark.ray, pytest.mark.e2e, pytest.mark.long]
 
 ROOT = Path(__file__).resolve().parents[1]
 EPOCHS = 2

@@ -11,7 +11,7 @@ import pytest
 
 from conftest import driver_env, signal_driver_when, small_overrides, store_client
 
-pytestmark = [pytest.mark.ray, pytest.mark.e2e]
+pytestmark = [pytest.mark.ray, pytest.mark.e2e, pytest.mark.long]
 
 ROOT = Path(__file__).resolve().parents[1]
 
