@@ -22,7 +22,7 @@ from aoq.config import Config, load_config
 
 # Ray Train's controller polls its workers every 2 s by default, so every small job here
 # would wait up to 2 s after its last report, and again at each phase; the tests run
-# about thirty jobs. Set before any Ray instance starts, so every Ray process (and every
+# about fifty jobs. Set before any Ray instance starts, so every Ray process (and every
 # driver subprocess) inherits it.
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
 # The tests' local Ray instances run with the settings the driver gives a local Ray it
@@ -148,8 +148,9 @@ def no_ray() -> Iterator[None]:
     yield
 
 
-#: Fixtures that start a Ray instance of their own (their modules run after the ones
-#: sharing ``local_ray``, so the shared instance starts once).
+#: Fixtures that start a Ray instance of their own. Within each weight of :func:`_order`
+#: their modules run after the ones sharing ``local_ray``, so the shared instance is
+#: restarted as rarely as the order of long modules first allows.
 OWN_RAY_FIXTURES = {"private_ray", "ray_with_s3", "cluster"}
 
 
