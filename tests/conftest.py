@@ -5,8 +5,10 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
 import subprocess
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -55,6 +57,29 @@ def small_overrides(tmp: Path, cache: Path, *extra: str) -> list[str]:
             f"tracking.uri=sqlite:///{tmp / 'mlflow.db'}", *extra]
 
 
+#: An empty MLflow store, created once per test process (see :func:`seed_store`).
+_STORE_TEMPLATE: dict[str, Path] = {}
+
+
+def seed_store(tmp: Path) -> None:
+    """Give ``tmp/mlflow.db`` the tables of an empty MLflow store before a job records there.
+
+    MLflow creates a new SQLite store by running its whole chain of schema migrations,
+    about 2.6 CPU seconds on the 2-core box, and the suite runs dozens of jobs, each in
+    a store of its own. The copy is made once per test process by MLflow itself, so it
+    is the store a first job would create; the tests of creating a store (a fresh one
+    written by several jobs at once, refusals that must leave none behind) never call
+    this."""
+    if "path" not in _STORE_TEMPLATE:
+        template = Path(tempfile.mkdtemp(prefix="aoq-store-template-")) / "mlflow.db"
+        MlflowClient(f"sqlite:///{template}").search_experiments()  # creates the tables
+        _STORE_TEMPLATE["path"] = template
+    target = tmp / "mlflow.db"
+    if not target.exists():
+        tmp.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(_STORE_TEMPLATE["path"], target)
+
+
 def store_client(tmp: Path) -> MlflowClient:
     """A client of the MLflow store a small job under ``tmp`` records into."""
     return MlflowClient(f"sqlite:///{tmp / 'mlflow.db'}")
@@ -94,6 +119,7 @@ def small_config(tmp: Path, cache: Path, *extra: str) -> Config:
 def train_small(tmp: Path, cache: Path, *extra: str) -> SmallRun:
     """Train :func:`small_config` to the end on the Ray instance this process has."""
     cfg = small_config(tmp, cache, *extra)
+    seed_store(tmp)
     return SmallRun(tmp, cfg, run_training(cfg))
 
 
@@ -176,6 +202,9 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 def pytest_sessionfinish(session: pytest.Session) -> None:  # noqa: ARG001 - hook signature
     import sys
+
+    if "path" in _STORE_TEMPLATE:
+        shutil.rmtree(_STORE_TEMPLATE.pop("path").parent, ignore_errors=True)
 
     ray = sys.modules.get("ray")
     if ray is not None and ray.is_initialized():

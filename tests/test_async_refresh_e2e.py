@@ -18,7 +18,9 @@ from aoq.cluster.job import run_training
 from aoq.cluster.table_lifecycle import POOL_NAME_PREFIX
 from aoq.negatives.tables import list_versions
 
-from conftest import in_background, killing, small_config, store_client, used_versions
+from conftest import (
+    in_background, killing, seed_store, small_config, store_client, used_versions,
+)
 
 pytestmark = [pytest.mark.ray, pytest.mark.e2e, pytest.mark.long]
 
@@ -37,6 +39,7 @@ def restarted_run(tmp_path_factory: pytest.TempPathFactory, scenes_cache: Path, 
     """An async-refresh run whose rank-1 training worker is SIGKILLed during epoch 4."""
     tmp = tmp_path_factory.mktemp("async")
     cfg = small_config(tmp, scenes_cache, *ASYNC, "run.name=async", "run.max_failures=1")
+    seed_store(tmp)
     run_dir = Path(cfg.run.storage) / "async"
 
     def rank1_midway() -> list[int]:
@@ -98,6 +101,7 @@ def test_a_permanently_failing_pool_keeps_training_on_the_old_tables(
 
     tmp = tmp_path_factory.mktemp("async-fail")
     cfg = small_config(tmp, scenes_cache, *ASYNC, "run.name=fail")
+    seed_store(tmp)
     run_dir = Path(cfg.run.storage) / "fail"
     killed: list[str] = []
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import small_overrides, store_client
+from conftest import seed_store, small_overrides, store_client
 from ray_head import start_head
 
 pytestmark = [pytest.mark.ray, pytest.mark.e2e, pytest.mark.long]
@@ -97,6 +97,7 @@ def test_submitted_job_records_run_metrics_and_best_checkpoint(tmp_path: Path,
         overrides = small_overrides(tmp_path, scenes_cache, "optim.epochs=2",
                                     "loss.variant=triplet", "run.name=submitted",
                                     "tracking.experiment=submit")
+        seed_store(tmp_path)
         submit = head.cli("job", "submit", "--working-dir", ".", "--no-wait",
                           "--submission-id", submission_id, "--",
                           "python", "jobs/train.py", *overrides, cwd=ROOT, timeout=180)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import small_overrides, store_client
+from conftest import seed_store, small_overrides, store_client
 from ray_head import free_ports
 
 pytestmark = [pytest.mark.ray, pytest.mark.e2e, pytest.mark.long]
@@ -87,6 +87,7 @@ def test_spread_and_node_loss(cluster, tmp_path: Path, scenes_cache: Path) -> No
         "negatives.warmup_epochs=1", "negatives.pool_actors=2", "negatives.pool_cpus=0.5",
         "run.cpus_per_worker=1.5", "run.max_failures=1", "run.name=multinode",
         "tracking.experiment=multinode"))
+    seed_store(tmp_path)
     run_dir = tmp_path / "runs" / "multinode"
 
     # The job runs on a thread (as a Tune trial's fit() does) so that this, the main

@@ -23,8 +23,8 @@ from aoq.cluster.job import TrainingFailed, run_training
 from aoq.training.checkpoint import CheckpointError, load_checkpoint, load_file
 
 from conftest import (
-    driver_env, killing, signal_driver_when, small_config, small_overrides, store_client,
-    train_small, used_versions, wait_gone,
+    driver_env, killing, seed_store, signal_driver_when, small_config, small_overrides,
+    store_client, train_small, used_versions, wait_gone,
 )
 
 pytestmark = [pytest.mark.ray, pytest.mark.e2e, pytest.mark.long]
@@ -99,6 +99,7 @@ def reference(tmp_path_factory: pytest.TempPathFactory, scenes_cache: Path, priv
 def test_worker_sigkilled_after_a_checkpoint_resumes_bit_exactly(
         reference, tmp_path: Path, scenes_cache: Path) -> None:
     cfg = small_config(tmp_path, scenes_cache, *SYNC, "run.name=killed", "run.max_failures=1")
+    seed_store(tmp_path)
     run_dir = Path(cfg.run.storage) / "killed"
 
     def rank0_after_epoch_1_checkpoint() -> list[int]:
@@ -132,6 +133,7 @@ def test_worker_sigkilled_after_a_checkpoint_resumes_bit_exactly(
 def test_an_exhausted_failure_budget_fails_clearly_after_exactly_max_failures_plus_one(
         tmp_path: Path, scenes_cache: Path, private_ray) -> None:
     cfg = small_config(tmp_path, scenes_cache, *SYNC, "run.name=doomed", "run.max_failures=1")
+    seed_store(tmp_path)
     run_dir = Path(cfg.run.storage) / "doomed"
     every_rank1_attempt = lambda: [x["pid"] for x in used_versions(run_dir, 1)]  # noqa: E731
     with killing(every_rank1_attempt, once=False) as killed, \
@@ -158,6 +160,7 @@ def test_a_killed_driver_resubmitted_with_the_same_name_continues_its_run(
     command = [sys.executable, str(ROOT / "jobs" / "train.py"),
                *small_overrides(tmp_path, scenes_cache, *SYNC, "run.name=resubmitted")]
     run_dir = tmp_path / "runs" / "resubmitted"
+    seed_store(tmp_path)
     signal_driver_when(command, lambda: after_checkpoint(run_dir, 1), signal.SIGKILL,
                        log=tmp_path / "first.log", cwd=tmp_path)
     first_attempt = {x["pid"] for x in used_versions(run_dir, 0) + used_versions(run_dir, 1)}
@@ -192,6 +195,7 @@ def test_mining_that_fails_for_good_keeps_training_on_the_old_tables(
     its place, as any lasting error would (the pool's version of this, with its actors
     killed, is test_async_refresh_e2e.py::test_a_permanently_failing_pool_...)."""
     cfg = small_config(tmp_path, scenes_cache, *SYNC, "run.name=stuck")
+    seed_store(tmp_path)
     run_dir = Path(cfg.run.storage) / "stuck"
     (run_dir / "negatives").mkdir(parents=True)
     (run_dir / "negatives" / "v0002").write_text("not a table version")

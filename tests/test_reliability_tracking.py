@@ -26,7 +26,8 @@ from aoq.cluster.tracking import (
 from aoq.config import load_config
 
 from conftest import (
-    driver_env, signal_driver_when, small_overrides, store_client, used_versions, wait_gone,
+    driver_env, seed_store, signal_driver_when, small_overrides, store_client, used_versions,
+    wait_gone,
 )
 
 pytestmark = pytest.mark.long  # three drivers, each starting its own Ray
@@ -211,6 +212,7 @@ def test_a_resumed_job_closes_the_stale_runs_it_owns(tmp_path: Path) -> None:
 def test_sigterm_marks_the_run_killed(tmp_path: Path, scenes_cache: Path) -> None:
     overrides = small_overrides(tmp_path, scenes_cache, "loss.variant=triplet",
                                 "optim.epochs=5", "run.name=stopped")
+    seed_store(tmp_path)
     run_dir = tmp_path / "runs" / "stopped"
     code = signal_driver_when([sys.executable, str(ROOT / "jobs" / "train.py"), *overrides],
                               lambda: bool(list(run_dir.glob("checkpoint_*"))), signal.SIGTERM,
@@ -254,6 +256,7 @@ def test_ctrl_c_marks_the_run_killed_and_says_how_to_resume(moment: str, tmp_pat
         "loss.variant=aoq", "negatives.warmup_epochs=1", "negatives.pool_actors=1"]
     overrides = small_overrides(tmp_path, scenes_cache, *extra, "optim.epochs=5",
                                 "run.name=stopped")
+    seed_store(tmp_path)
     run_dir = tmp_path / "runs" / "stopped"
     first_tables = run_dir / "negatives" / "v0001" / "meta.json"
     seen: dict[str, bool] = {}

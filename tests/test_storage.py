@@ -20,7 +20,7 @@ import pytest
 from aoq.negatives.tables import list_versions, load_tables, save_tables, version_dir
 from aoq.storage import RunStorage, StorageError
 
-from conftest import small_overrides, start_ray, store_client
+from conftest import seed_store, small_overrides, start_ray, store_client
 
 BUCKET = "aoq-runs"
 
@@ -148,6 +148,7 @@ def test_training_job_on_s3_storage(tmp_path: Path, scenes_cache: Path, ray_with
         tmp_path, scenes_cache, "optim.epochs=2", "loss.variant=offtri",
         "negatives.warmup_epochs=1", "negatives.pool_actors=1", "run.name=s3run",
         f"run.storage=s3://{BUCKET}/{prefix}", "tracking.experiment=s3"))
+    seed_store(tmp_path)
     outcome = run_training(cfg)
 
     assert outcome.output_dir == f"s3://{BUCKET}/{prefix}/s3run"

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import driver_env, signal_driver_when, small_overrides, store_client
+from conftest import driver_env, seed_store, signal_driver_when, small_overrides, store_client
 
 pytestmark = [pytest.mark.ray, pytest.mark.e2e, pytest.mark.long]
 
@@ -25,6 +25,7 @@ def test_a_killed_study_resumes_without_repeating_a_trial(tmp_path: Path,
     # One worker per trial: what is tested is the study's bookkeeping, not DDP.
     overrides = small_overrides(tmp_path, scenes_cache, "loss.variant=triplet",
                                 "optim.epochs=3", "run.num_workers=1")
+    seed_store(tmp_path)
     trials = tmp_path / "runs" / "studies" / "resumable" / "trials"
     finished = lambda: sorted(trials.glob("*/test_metrics.json"))  # noqa: E731
 
