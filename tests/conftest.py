@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import shutil
@@ -57,8 +58,12 @@ def small_overrides(tmp: Path, cache: Path, *extra: str) -> list[str]:
             f"tracking.uri=sqlite:///{tmp / 'mlflow.db'}", *extra]
 
 
-#: An empty MLflow store, created once per test process (see :func:`seed_store`).
-_STORE_TEMPLATE: dict[str, Path] = {}
+@functools.cache
+def _empty_store() -> Path:
+    """An empty MLflow store, created once per test process by MLflow itself."""
+    path = Path(tempfile.mkdtemp(prefix="aoq-store-template-")) / "mlflow.db"
+    MlflowClient(f"sqlite:///{path}").search_experiments()  # creates the tables
+    return path
 
 
 def seed_store(tmp: Path) -> None:
@@ -66,18 +71,13 @@ def seed_store(tmp: Path) -> None:
 
     MLflow creates a new SQLite store by running its whole chain of schema migrations,
     about 2.6 CPU seconds on the 2-core box, and the suite runs dozens of jobs, each in
-    a store of its own. The copy is made once per test process by MLflow itself, so it
-    is the store a first job would create; the tests of creating a store (a fresh one
-    written by several jobs at once, refusals that must leave none behind) never call
-    this."""
-    if "path" not in _STORE_TEMPLATE:
-        template = Path(tempfile.mkdtemp(prefix="aoq-store-template-")) / "mlflow.db"
-        MlflowClient(f"sqlite:///{template}").search_experiments()  # creates the tables
-        _STORE_TEMPLATE["path"] = template
+    a store of its own. The copy is the store a first job would create; the tests of
+    creating a store (a fresh one written by several jobs at once, refusals that must
+    leave none behind) never call this."""
     target = tmp / "mlflow.db"
     if not target.exists():
         tmp.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(_STORE_TEMPLATE["path"], target)
+        shutil.copyfile(_empty_store(), target)
 
 
 def store_client(tmp: Path) -> MlflowClient:
@@ -189,9 +189,11 @@ def _ray_order(item: pytest.Item) -> int:
 
 def _order(item: pytest.Item) -> tuple[int, int]:
     """Modules marked ``long`` first, then the other end-to-end ones: the suite runs in
-    two processes (``-n 2 --dist loadfile`` in pyproject.toml), each taking the next
-    whole module as it frees up, so the long modules start early and the many short
-    ones fill the end on both processes (a long module started last would run alone)."""
+    two processes, each taking the next whole module as it frees up, so the long modules
+    start early and the many short ones fill the end on both processes (a long module
+    started last would run alone). xdist keeps this order only with
+    ``--no-loadscope-reorder`` (pyproject.toml): by default it hands out the modules with
+    the most tests first."""
     weight = 0 if item.get_closest_marker("long") else 1 if item.get_closest_marker("e2e") else 2
     return (weight, _ray_order(item))
 
@@ -203,8 +205,8 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 def pytest_sessionfinish(session: pytest.Session) -> None:  # noqa: ARG001 - hook signature
     import sys
 
-    if "path" in _STORE_TEMPLATE:
-        shutil.rmtree(_STORE_TEMPLATE.pop("path").parent, ignore_errors=True)
+    if _empty_store.cache_info().currsize:
+        shutil.rmtree(_empty_store().parent, ignore_errors=True)
 
     ray = sys.modules.get("ray")
     if ray is not None and ray.is_initialized():
