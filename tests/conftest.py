@@ -262,13 +262,28 @@ def driver_env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
 
 
+def joining_env() -> dict[str, str]:
+    """The environment for a driver subprocess that joins the Ray instance this process
+    runs, as a job does on a running cluster (``RAY_ADDRESS``), instead of starting its
+    own: for tests of what a driver does with its job (kill it, resubmit it), where a
+    private Ray per driver would only add its start-up, seconds of CPU each time. The
+    driver's actors, Ray Train's and Tune's included, die with it as they would with
+    its own Ray; the tests of a driver's own local Ray use :func:`driver_env`."""
+    import ray
+
+    assert ray.is_initialized(), "joining_env needs a Ray fixture (local_ray, private_ray)"
+    return {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
+
+
 def signal_driver_when(command: list[str], ready: Callable[[], bool], signum: int, *,
-                       log: Path, cwd: Path, timeout: float = 600) -> int:
-    """Start a driver process, send it ``signum`` once ``ready()``, and return its exit
-    code (a process left running is SIGKILLed: the test stops what it started)."""
+                       log: Path, cwd: Path, timeout: float = 600,
+                       env: dict[str, str] | None = None) -> int:
+    """Start a driver process (in ``env``, default :func:`driver_env`), send it
+    ``signum`` once ``ready()``, and return its exit code (a process left running is
+    SIGKILLed: the test stops what it started)."""
     with open(log, "w") as out:
         driver = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT,
-                                  env=driver_env(), cwd=cwd)
+                                  env=driver_env() if env is None else env, cwd=cwd)
         try:
             deadline = time.monotonic() + timeout
             while not ready():

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -28,8 +29,9 @@ TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 
 
 #: Waits for a job through Ray's job SDK, in a process with the head's token (the SDK
-#: reads it from the environment), and prints its final status. One process for the
-#: whole wait: each new one would spend seconds importing Ray.
+#: reads it from the environment), and prints its final status on the first line, then
+#: its logs (what ``ray job logs`` prints). One process for the wait and the logs: each
+#: new one would spend seconds importing Ray.
 _WAIT_FOR_JOB = """
 import os, sys, time
 from ray.job_submission import JobSubmissionClient
@@ -39,25 +41,31 @@ while True:
     state = str(client.get_job_status(sys.argv[1])).rsplit(".", 1)[-1]
     if state in ("SUCCEEDED", "FAILED", "STOPPED") or time.monotonic() > deadline:
         print(state)
+        print(client.get_job_logs(sys.argv[1]))
         break
     time.sleep(0.5)
 """
 
 
-def _wait(head, submission_id: str, timeout: float = 600) -> str:
-    waiter = subprocess.Popen([sys.executable, "-c", _WAIT_FOR_JOB, submission_id,
-                               str(timeout)], env={**head.env, "RAY_ADDRESS": head.dashboard},
-                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    try:
-        while waiter.poll() is None:
-            head.processes()  # remember the job's processes while they run
-            time.sleep(0.5)
-        state = waiter.stdout.read().strip()
-    finally:
-        if waiter.poll() is None:
-            waiter.kill()
-        waiter.wait()
-    return state if state in TERMINAL else "?"
+def _wait(head, submission_id: str, timeout: float = 600) -> tuple[str, str]:
+    """(the job's final status, or "?" if it never ended; its logs)."""
+    # A file, not a pipe: logs longer than a pipe's buffer would block the waiter.
+    with tempfile.TemporaryFile("w+") as out:
+        waiter = subprocess.Popen([sys.executable, "-c", _WAIT_FOR_JOB, submission_id,
+                                   str(timeout)],
+                                  env={**head.env, "RAY_ADDRESS": head.dashboard},
+                                  stdout=out, stderr=subprocess.DEVNULL, text=True)
+        try:
+            while waiter.poll() is None:
+                head.processes()  # remember the job's processes while they run
+                time.sleep(0.5)
+        finally:
+            if waiter.poll() is None:
+                waiter.kill()
+            waiter.wait()
+        out.seek(0)
+        state, _, logs = out.read().partition("\n")
+    return (state.strip() if state.strip() in TERMINAL else "?"), logs
 
 
 def test_outputs_inside_a_submitted_jobs_working_dir_are_refused(
@@ -103,8 +111,7 @@ def test_submitted_job_records_run_metrics_and_best_checkpoint(tmp_path: Path,
                           "python", "jobs/train.py", *overrides, cwd=ROOT, timeout=180)
         assert submit.returncode == 0, submit.stdout + submit.stderr
 
-        state = _wait(head, submission_id)
-        logs = head.cli("job", "logs", submission_id).stdout
+        state, logs = _wait(head, submission_id)
         assert state == "SUCCEEDED", logs[-5000:]
         assert "rsum" in logs and "submitted" in logs
 
@@ -115,8 +122,8 @@ def test_submitted_job_records_run_metrics_and_best_checkpoint(tmp_path: Path,
                           "run.storage=outputs", f"tracking.uri=sqlite:///{tmp_path}/x.db",
                           cwd=ROOT, timeout=180)
         assert submit.returncode == 0, submit.stdout + submit.stderr
-        assert _wait(head, lost) == "FAILED"
-        logs = head.cli("job", "logs", lost).stdout
+        state, logs = _wait(head, lost)
+        assert state == "FAILED"
         assert "run.storage=" in logs and "temporary working directory" in logs, logs[-3000:]
     finally:
         head.stop()

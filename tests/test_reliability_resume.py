@@ -23,7 +23,7 @@ from aoq.cluster.job import TrainingFailed, run_training
 from aoq.training.checkpoint import CheckpointError, load_checkpoint, load_file
 
 from conftest import (
-    driver_env, killing, seed_store, signal_driver_when, small_config, small_overrides,
+    joining_env, killing, seed_store, signal_driver_when, small_config, small_overrides,
     store_client, train_small, used_versions, wait_gone,
 )
 
@@ -161,8 +161,9 @@ def test_a_killed_driver_resubmitted_with_the_same_name_continues_its_run(
                *small_overrides(tmp_path, scenes_cache, *SYNC, "run.name=resubmitted")]
     run_dir = tmp_path / "runs" / "resubmitted"
     seed_store(tmp_path)
+    env = joining_env()  # the module's Ray, as a cluster outlives the drivers it runs
     signal_driver_when(command, lambda: after_checkpoint(run_dir, 1), signal.SIGKILL,
-                       log=tmp_path / "first.log", cwd=tmp_path)
+                       log=tmp_path / "first.log", cwd=tmp_path, env=env)
     first_attempt = {x["pid"] for x in used_versions(run_dir, 0) + used_versions(run_dir, 1)}
     wait_gone(first_attempt)  # the job's workers die with their driver
 
@@ -171,7 +172,7 @@ def test_a_killed_driver_resubmitted_with_the_same_name_continues_its_run(
     assert stale.info.status == "RUNNING"  # what a SIGKILL leaves behind
     done_before = max(complete_epochs(run_dir))
 
-    resumed = subprocess.run(command, capture_output=True, text=True, env=driver_env(),
+    resumed = subprocess.run(command, capture_output=True, text=True, env=env,
                              cwd=tmp_path, timeout=600)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
 

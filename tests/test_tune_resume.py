@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import driver_env, seed_store, signal_driver_when, small_overrides, store_client
+from conftest import joining_env, seed_store, signal_driver_when, small_overrides, store_client
 
 pytestmark = [pytest.mark.ray, pytest.mark.e2e, pytest.mark.long]
 
@@ -20,8 +20,8 @@ def tune_command(*args: str) -> list[str]:
     return [sys.executable, str(ROOT / "jobs" / "tune.py"), *args]
 
 
-def test_a_killed_study_resumes_without_repeating_a_trial(tmp_path: Path,
-                                                          scenes_cache: Path) -> None:
+def test_a_killed_study_resumes_without_repeating_a_trial(tmp_path: Path, scenes_cache: Path,
+                                                          local_ray) -> None:
     # One worker per trial: what is tested is the study's bookkeeping, not DDP.
     overrides = small_overrides(tmp_path, scenes_cache, "loss.variant=triplet",
                                 "optim.epochs=3", "run.num_workers=1")
@@ -35,15 +35,19 @@ def test_a_killed_study_resumes_without_repeating_a_trial(tmp_path: Path,
             not (d / "test_metrics.json").exists() and list(d.glob("checkpoint_*"))
             for d in trials.iterdir())
 
+    # Both drivers join the shared Ray, as a study's drivers do on a cluster; the
+    # killed one's trials (Tune actors, trainers, workers) die with it.
+    env = joining_env()
     signal_driver_when(
         tune_command("--space", str(ROOT / "tune_spaces" / "margins.yaml"), "--samples", "3",
                      "--scheduler", "fifo", "--max-concurrent", "1", "--name", "resumable",
                      *overrides),
-        a_second_trial_checkpointed, signal.SIGKILL, log=tmp_path / "driver.log", cwd=tmp_path)
+        a_second_trial_checkpointed, signal.SIGKILL, log=tmp_path / "driver.log", cwd=tmp_path,
+        env=env)
     first_done = {p.parent.name: p.stat().st_mtime_ns for p in finished()}
 
     resumed = subprocess.run(tune_command("--resume", "resumable", *overrides),
-                             capture_output=True, text=True, env=driver_env(), cwd=tmp_path,
+                             capture_output=True, text=True, env=env, cwd=tmp_path,
                              timeout=900)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
 
