@@ -64,8 +64,9 @@ def _wait(head, submission_id: str, timeout: float = 600) -> tuple[str, str]:
                 waiter.kill()
             waiter.wait()
         out.seek(0)
-        state, _, logs = out.read().partition("\n")
-    return (state.strip() if state.strip() in TERMINAL else "?"), logs
+        first, _, logs = out.read().partition("\n")
+    state = first.strip()
+    return (state if state in TERMINAL else "?"), logs
 
 
 def test_outputs_inside_a_submitted_jobs_working_dir_are_refused(
