@@ -6,7 +6,9 @@ import json
 from pathlib import Path
 
 import pytest
+from ray.util.state import list_actors
 
+from aoq.cluster.trainer import DATASET_ACTOR_CLASS
 from aoq.config import load_config
 
 from conftest import train_small
@@ -52,3 +54,9 @@ def test_two_worker_triplet_run_is_recorded(tmp_path: Path, scenes_cache: Path, 
     ckpts = sorted(p for p in out.iterdir() if p.is_dir() and p.name.startswith("checkpoint_"))
     assert ckpts and {"state.pt", "rng_rank0.pt", "rng_rank1.pt"} <= {
         p.name for p in ckpts[-1].iterdir()}
+    # aoq passes Ray Train no datasets, so the job started no Ray Data actor, a process
+    # that would serve nothing (aoq/cluster/trainer.py). The state API lists finished
+    # actors too, so this sees every actor the job started.
+    classes = {a.class_name for a in list_actors(limit=10_000, raise_on_missing_output=False)}
+    assert {"TrainController", "RayTrainWorker"} <= classes, classes
+    assert DATASET_ACTOR_CLASS not in classes

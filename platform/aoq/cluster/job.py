@@ -23,12 +23,12 @@ from ray.train import (
     CheckpointConfig, ControllerError, FailureConfig, RunConfig, ScalingConfig,
     TrainingFailedError,
 )
-from ray.train.torch import TorchTrainer
 from ray.train.v2._internal.exceptions import WorkerGroupStartupTimeoutError
 
 from aoq.atomic import atomic_write_text
 from aoq.cluster.console import after_ray_init, before_ray_init
 from aoq.cluster.interrupts import signal_label, stop_signals, stopped_by
+from aoq.cluster.trainer import JobTrainer
 from aoq.cluster.tracking import (
     RunHandle, check_store, end_run, git_commit, local_store_path, log_artifact,
     resolve_tracking_uri, set_tags, start_run, ui_link,
@@ -268,12 +268,13 @@ def bound_worker_group_start(cfg: Config) -> None:
 
 def build_trainer(cfg: Config, payload: WorkerPayload, run_name: str,
                   callbacks: Sequence[Any] = ()):
-    """A TorchTrainer for this job (gloo on CPU, NCCL with one GPU per worker);
-    ``callbacks`` are Ray Train callbacks (a Tune trial passes TuneReportCallback)."""
+    """A TorchTrainer for this job (gloo on CPU, NCCL with one GPU per worker; no Ray
+    Data actor, ``aoq.cluster.trainer``); ``callbacks`` are Ray Train callbacks (a Tune
+    trial passes TuneReportCallback)."""
     gpu = use_gpu(cfg)
     resources = {"CPU": cfg.run.cpus_per_worker, **({"GPU": 1} if gpu else {})}
     bound_worker_group_start(cfg)
-    return TorchTrainer(
+    return JobTrainer(
         train_loop_per_worker,
         train_loop_config={"payload": payload},
         scaling_config=ScalingConfig(num_workers=cfg.run.num_workers, use_gpu=gpu,
