@@ -27,7 +27,7 @@ def bench():
     sys.path.insert(0, str(ROOT / "benchmarks"))
     try:
         yield {name: importlib.import_module(name)
-               for name in ("mining", "default_job", "gpu_report")}
+               for name in ("mining", "default_job", "gpu_report", "selection_floor")}
     finally:
         sys.path.remove(str(ROOT / "benchmarks"))
 
@@ -56,6 +56,18 @@ def test_mining_benchmark_checks_every_mode_and_the_baseline(bench, tmp_path: Pa
             "(d0) baseline engine both tables"} <= methods
     assert json.loads((tmp_path / "m.json").read_text())["checks"] == json.loads(
         json.dumps(checks))
+
+
+def test_selection_floor_masks_exactly_the_k_best_of_each_row_and_column(
+        bench, tmp_path: Path) -> None:
+    # 60 images x 300 captions fit one tile: the final thresholds must let through
+    # exactly K scores per row and K per column (random scores have no ties).
+    report = bench["selection_floor"].main([
+        "--n-images", "60", "--dim", "16", "--k", "25", "--k-images", "7", "--repeats", "1",
+        "--threads", "1", "--json", str(tmp_path / "f.json")])
+    assert report["shape"]["tiles"] == 1
+    assert report["hits_in_timed_tiles"] == {"rows": 60 * 25, "columns": 300 * 7, "tiles": 1}
+    assert json.loads((tmp_path / "f.json").read_text())["floor_ratio"] == report["floor_ratio"]
 
 
 def test_mining_profile_names_the_selection_steps(bench) -> None:
