@@ -282,14 +282,19 @@ def _fmt(r: dict) -> str:
             f"{r['gflop_per_s']:8.1f} {vf:>9s} {vb:>9s}")
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def add_problem_arguments(p: argparse.ArgumentParser) -> None:
+    """The problem's shape and seed (benchmarks/selection_floor.py takes the same)."""
     p.add_argument("--n-images", type=int, default=10000)
     p.add_argument("--captions-per-image", type=int, default=5)
     p.add_argument("--dim", type=int, default=1024)
     p.add_argument("--k", type=int, default=2000, help="K of i2t (captions per image)")
     p.add_argument("--k-images", type=int, default=400, help="K of t2i (images per caption)")
     p.add_argument("--seed", type=int, default=0)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_problem_arguments(p)
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--precisions", nargs="+", default=["fp32"],
                    choices=["fp32", "tf32", "bf16"],

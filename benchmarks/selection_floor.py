@@ -3,8 +3,9 @@ primitive (results: docs/benchmarks.md §1, "How close 1.3× can get").
 
 Mining both tables in one pass has to (1) compute every product, (2) find, in each
 tile, the scores at or above a row's and a column's threshold, and (3) hand back each
-row's and each column's K best in rank order. This script times (1) with the engine's
-tile shape, and the cheapest form of (2) and (3) with the fastest CPU primitives
+row's and each column's K best in rank order. This script times (1) as the engine runs
+it (its tiles, whole row blocks per worker thread: (a') of benchmarks/mining.py, on the
+same inputs), and the cheapest form of (2) and (3) with the fastest CPU primitives
 (``aoq.search.kernels`` lists them): one ``scores >= threshold`` mask and one
 ``flatnonzero`` per tile and direction, given the *final* thresholds for free (a real
 pass must first estimate them), and one ``argsort`` of the finished (rows, K) and
@@ -26,12 +27,13 @@ import os
 import platform
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
 
-from aoq.search.options import SearchOptions
+from aoq.search import SearchOptions
+from aoq.search.engine import block_rows_for, tile_plan
+from mining import add_problem_arguments, bare_products_workers, make_inputs
 
 
 def best_of(fn: Callable[[], object], repeats: int) -> float:
@@ -43,37 +45,29 @@ def best_of(fn: Callable[[], object], repeats: int) -> float:
     return min(times)
 
 
-def embeddings(n: int, dim: int, seed: int) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, dim, generator=g)
-    return torch.nn.functional.normalize(x, dim=1)
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--n-images", type=int, default=10000)
-    p.add_argument("--captions-per-image", type=int, default=5)
-    p.add_argument("--dim", type=int, default=1024)
-    p.add_argument("--k", type=int, default=2000, help="K of i2t (captions per image)")
-    p.add_argument("--k-images", type=int, default=400, help="K of t2i (images per caption)")
+    add_problem_arguments(p)
     p.add_argument("--threads", type=int, default=2,
-                   help="torch threads for the products; the selection floor is divided "
-                        "by this too, as if it ran on every core at once")
+                   help="worker threads for the products, as the engine runs them; the "
+                        "selection floor is divided by this too, as if it ran on every "
+                        "core at once")
     p.add_argument("--ratio", type=float, default=1.3, help="the goal: both tables in "
                    "at most RATIO x the bare products")
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None, help="write the figures here")
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    torch.set_num_threads(args.threads)
     n_q, n_k = args.n_images, args.n_images * args.captions_per_image
-    q, kk = embeddings(n_q, args.dim, args.seed), embeddings(n_k, args.dim, args.seed + 1)
+    # The mining benchmark's inputs for the same arguments.
+    q, kk = make_inputs(n_q, args.captions_per_image, args.dim, args.seed)
     options = SearchOptions()
-    br, tc = options.default_block_rows, options.default_tile_cols
+    # The engine's tiles for a two-direction search on this many threads.
+    br, tc = tile_plan(n_q, n_k, True, block_rows_for(n_q, args.threads, None, options),
+                       None, options)
     tiles = [(r0, c0) for r0 in range(0, n_q, br) for c0 in range(0, n_k, tc)]
 
     # The exact final thresholds (K-th best of each row and column), from one full
@@ -87,12 +81,8 @@ def main(argv: list[str] | None = None) -> dict:
     row_best, col_best = row_best.copy(), col_best.copy()
     del full
 
-    out = torch.empty(br, tc)
-
     def products() -> None:
-        for r0, c0 in tiles:
-            a, b = q[r0:r0 + br], kk[c0:c0 + tc]
-            torch.mm(a, b.T, out=out[:a.shape[0], :b.shape[0]])
+        bare_products_workers(q, kk, None, args.threads)
 
     tile_scores = {t: (q[t[0]:t[0] + br] @ kk[t[1]:t[1] + tc].T).numpy() for t in tiles[:4]}
 
@@ -110,7 +100,7 @@ def main(argv: list[str] | None = None) -> dict:
             hits["rows" if rows else "columns"] += int(mask.sum())
         return total / len(tile_scores) * len(tiles)
 
-    t_products = best_of(products, args.repeats)
+    t_products = best_of(products, args.repeats)  # (a') of the mining benchmark
     t_row_masks, t_col_masks = masks(True), masks(False)
     t_row_sort = best_of(lambda: np.argsort(-row_best, axis=1), args.repeats)
     t_col_sort = best_of(lambda: np.argsort(-col_best, axis=1), args.repeats)

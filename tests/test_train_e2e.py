@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+import ray
 from ray.util.state import list_actors
 
 from aoq.cluster.trainer import DATASET_ACTOR_CLASS
@@ -56,7 +57,10 @@ def test_two_worker_triplet_run_is_recorded(tmp_path: Path, scenes_cache: Path, 
         p.name for p in ckpts[-1].iterdir()}
     # aoq passes Ray Train no datasets, so the job started no Ray Data actor, a process
     # that would serve nothing (aoq/cluster/trainer.py). The state API lists finished
-    # actors too, so this sees every actor the job started.
-    classes = {a.class_name for a in list_actors(limit=10_000, raise_on_missing_output=False)}
+    # actors too, so this sees every actor the job started. The address: the other test
+    # process runs a Ray instance of its own on this machine.
+    classes = {a.class_name for a in list_actors(
+        address=ray.get_runtime_context().gcs_address, limit=10_000,
+        raise_on_missing_output=False)}
     assert {"TrainController", "RayTrainWorker"} <= classes, classes
     assert DATASET_ACTOR_CLASS not in classes
