@@ -191,25 +191,40 @@ def test_gpu_report_keeps_failed_and_timed_out_pieces(bench, tmp_path: Path) -> 
 
 
 def test_kernels_match_torch_on_strided_views() -> None:
-    from aoq.search.kernels import hits_at_or_above, kth_largest, sort_unique
+    from aoq.search.kernels import HitMask, gather, kth_largest, put_rows, sort_unique
 
     gen = torch.Generator().manual_seed(0)
     buf = torch.randn(6 * 16, generator=gen)
-    scores = buf.view(6, 16)[:, :11]  # a padded tile, as the engine lays it out
-    for threshold in (torch.randn(6, 1, generator=gen), torch.randn(11, generator=gen)):
-        flat = torch.zeros(6 * 16, dtype=torch.bool)
-        mask = flat.view(6, 16)[:, :11]
-        got = hits_at_or_above(scores, threshold, mask, flat)
-        expected = torch.zeros(6, 16, dtype=torch.bool)
-        expected[:, :11] = scores >= threshold
-        assert torch.equal(got, expected.view(-1).nonzero().view(-1))
-        assert got.dtype == torch.int64
+    hits = HitMask(6, 16, torch.device("cpu"))
+    # Sparse and dense masks take NumPy's two scanning paths (below and above 10% set);
+    # the narrower tile after the wide ones checks that stale hits in padding are cleared.
+    for width in (11, 11, 11, 16, 9):
+        scores = buf.view(6, 16)[:, :width]  # a padded tile, as the engine lays it out
+        for threshold in (torch.randn(6, 1, generator=gen), torch.randn(width, generator=gen),
+                          torch.full((6, 1), 1.8), torch.full((6, 1), 9.0)):
+            got = hits.hits(scores, threshold, 16)
+            expected = torch.zeros(6, 16, dtype=torch.bool)
+            expected[:, :width] = scores >= threshold
+            assert torch.equal(got, expected.view(-1).nonzero().view(-1)), (width, threshold)
+            assert got.dtype == torch.int64
+    source = torch.arange(100, 200)
+    positions = torch.tensor([5, 0, 89, 5])
+    assert torch.equal(gather(source[10:], positions), torch.tensor([115, 110, 199, 115]))
+    out = torch.zeros(5, 3, dtype=torch.int32)
+    put_rows(out, torch.tensor([4, 1]), torch.tensor([[1, 2, 3], [4, 5, 6]]))
+    assert out.tolist() == [[0, 0, 0], [4, 5, 6], [0, 0, 0], [0, 0, 0], [1, 2, 3]]
     ties = torch.randint(-3, 4, (40, 30), generator=gen).float()  # many equal values
     ties[0, :5] = -torch.inf  # excluded entries of the band
+    before = ties.clone()
+    scratch = torch.empty(40 * 30)
     for dim in (0, 1):
         for r in (1, 7, ties.shape[dim]):
-            assert torch.equal(kth_largest(ties, r, dim), torch.topk(
-                ties, r, dim=dim).values.amin(dim=dim)), (dim, r)
+            expected = torch.topk(ties, r, dim=dim).values.amin(dim=dim)
+            assert torch.equal(kth_largest(ties, r, dim), expected), (dim, r)
+            assert torch.equal(kth_largest(ties[:, :], r, dim, scratch), expected), (dim, r)
+    assert torch.equal(ties, before)  # the caller's scores are never reordered
     values = np.unique(np.random.default_rng(1).integers(0, 1 << 40, 1000))
     keys = torch.from_numpy(np.random.default_rng(2).permutation(values))
-    assert torch.equal(sort_unique(keys), torch.sort(keys).values)
+    expected = torch.sort(keys).values
+    assert torch.equal(sort_unique(keys), expected)
+    assert torch.equal(keys, expected)  # in place

@@ -36,12 +36,12 @@ k-th score is at least every worker's first estimate. On CUDA one worker runs on
 calling thread, in stream order.
 
 Memory, beyond inputs and outputs: a permuted copy of the inputs; per worker one tile
-(``block_rows * 4096 * 4`` B), two masks, the row sample (``block_rows * 2048 * 4`` B) and
-the row candidates of its block (~ ``1.35 * block_rows * k_row`` int64 at the defaults,
-twice while sorting); and the column candidates of all workers, at most
-``(1 + column_slack) * n_keys * k_col`` int64 plus a tile's worth per worker. Nothing is
-ever n_queries x n_keys. On 10k x 50k (k_row = 2000, k_col = 400, defaults, 2 threads)
-the peak was 0.8 GB above inputs and outputs (measured).
+(``block_rows * 4096 * 4`` B), two masks, a scratch for the threshold samples
+(``block_rows * 2048 * 4`` B) and the row candidates of its block
+(~ ``1.35 * block_rows * k_row`` int64 at the defaults); and the column candidates of
+all workers, at most ``(1 + column_slack) * n_keys * k_col`` int64 plus a tile's worth
+per worker. Nothing is ever n_queries x n_keys. On 10k x 50k (k_row = 2000,
+k_col = 400, defaults, 2 threads) the peak was 0.8 GB above inputs and outputs (measured).
 
 Measured (``benchmarks/mining.py``, output in ``docs/bench_mining_output.txt``: 10k
 queries x 50k keys x 1024-d, k = 2000 / 400, 2 threads, best of 3 rounds on the quiet
@@ -58,8 +58,8 @@ from typing import Any
 
 import torch
 
-from aoq.search.kernels import hits_at_or_above, kth_largest, sort_unique
-from aoq.search.keys import bits_for, first_k, make_keys, value_of
+from aoq.search.kernels import HitMask, gather, kth_largest, put_rows, sort_unique
+from aoq.search.keys import bits_for, first_k, kth_score, make_keys, value_of
 from aoq.search.options import SearchOptions
 from aoq.search.parallel import run_tasks
 
@@ -144,10 +144,19 @@ def workers_for(device: torch.device, options: SearchOptions) -> int:
 def block_rows_for(n_q: int, n_workers: int, block_rows: int | None,
                    options: SearchOptions) -> int | None:
     """The caller's ``block_rows``, or with several workers and none given, enough
-    blocks to keep every worker busy to the end (>= 256 rows, for sgemm's sake)."""
+    blocks to keep every worker busy to the end (of 256 rows or more, for sgemm's sake).
+
+    The blocks are then evened out to a multiple of the workers in number, so that no
+    worker idles at the end while another finishes a full block: 10k rows on 2 workers
+    are 10 blocks of 1,000 rows, not 9 of 1,024 and one of 784 (sgemm runs as fast
+    per row at any multiple of 8 rows, measured).
+    """
     if block_rows is None and n_workers > 1:
-        return min(options.default_block_rows,
+        rows = min(options.default_block_rows,
                    max(256, -(-n_q // (4 * n_workers)) + 63) // 64 * 64)
+        n_blocks = -(-n_q // rows)
+        n_blocks = -(-n_blocks // n_workers) * n_workers
+        return max(8, -(-(-(-n_q // n_blocks)) // 8) * 8)
     return block_rows
 
 
@@ -159,8 +168,10 @@ def tile_plan(n_q: int, n_k: int, columns: bool, block_rows: int | None,
     # Row keys hold (row in block | rank | key id): rows per block <= 2**(31 - kb).
     br = min(block_rows or options.default_block_rows, n_q, 1 << (31 - kb))
     nt = min(tile_cols or options.default_tile_cols, n_k)
-    if tile_cols is None and nt < n_k and br * nt < (1 << 22):
+    if tile_cols is None and nt < n_k and 2 * br <= options.default_block_rows:
         # Small blocks (block_rows=1 ...): wider tiles cost nothing and save Python loops.
+        # (Not for blocks evened out to a little under the default: a tile just past
+        # 4096 columns doubles the padded row stride, and so the masks.)
         nt = min(n_k, max(nt, (1 << 22) // br))
     if columns:
         # Column keys hold (column in tile | rank | query id): <= 2**(31 - qb) columns.
@@ -183,11 +194,11 @@ def _sample_rank(k: int, m: int, n: int, z: float) -> int:
     return max(1, min(r, m))
 
 
-def _kth_largest(scores: torch.Tensor, r: int, dim: int) -> torch.Tensor:
+def _kth_largest(scores: torch.Tensor, r: int, dim: int, scratch: torch.Tensor) -> torch.Tensor:
     """r-th largest along ``dim`` as a float32 threshold; never -inf (so excluded
     entries, which are -inf, never pass ``>=``)."""
     r = min(r, scores.shape[dim])
-    return kth_largest(scores, r, dim).clamp_(min=torch.finfo(torch.float32).min)
+    return kth_largest(scores, r, dim, scratch).clamp_(min=torch.finfo(torch.float32).min)
 
 
 def _positive_positions(q_order: torch.Tensor, k_inverse: torch.Tensor, n_k: int,
@@ -321,13 +332,13 @@ class _BlockWorker:
         dev = sh.k_order.device
         self.sh = sh
         self.buf = torch.empty(sh.br * sh.ld, dtype=score_dtype, device=dev)
-        self.sample_buf = torch.empty(sh.br * sh.m_row if sh.k_row else 0, dtype=score_dtype,
-                                      device=dev)
-        self.row_mask = torch.zeros(sh.br * sh.ld if sh.k_row else 0, dtype=torch.bool,
-                                    device=dev)
-        self.col_mask = torch.zeros(sh.br * sh.options.col_slice if sh.k_col else 0,
-                                    dtype=torch.bool, device=dev)
-        self.mask_shape: tuple[int, int] | None = None
+        # Scratch for the threshold estimates: a row block's sample, or (transposed) the
+        # first rows of a tile.
+        self.sample_buf = torch.empty(max(sh.br * sh.m_row if sh.k_row else 0,
+                                          sh.m_col * sh.nt if sh.k_col else 0),
+                                      dtype=score_dtype, device=dev)
+        self.row_mask = HitMask(sh.br if sh.k_row else 0, sh.ld, dev)
+        self.col_mask = HitMask(sh.br if sh.k_col else 0, sh.options.col_slice, dev)
         self.col_stores = [[_ColumnStore(dev) for _ in sh.col_slices[c]]
                            for c in range(len(sh.tiles))] if sh.k_col else []
         # Threshold in force (raised by compactions) and the first estimate, which the
@@ -377,22 +388,14 @@ class _BlockWorker:
     def _select_rows(self, s: torch.Tensor, rows: _RowBlock, c0: int, c1: int) -> None:
         """Row candidates of tile ``s``: every entry at or above its row's threshold."""
         sh = self.sh
-        rows_here, width = s.shape
+        rows_here = s.shape[0]
         ld = sh.ld
-        if self.mask_shape != (rows_here, width):
-            # Padding must read as "no hit"; stale hits survive a shape change.
-            self.row_mask.zero_()
-            self.mask_shape = (rows_here, width)
         if rows.threshold is None:
-            # topk is 2x slower on a strided view than on a packed copy.
-            sample = self.sample_buf[: rows_here * sh.m_row].view(rows_here, sh.m_row)
-            sample.copy_(s[:, : sh.m_row])
-            rows.threshold = _kth_largest(sample, sh.r_row, dim=1)[:, None]
-        region = self.row_mask[: rows_here * ld]
-        flat = hits_at_or_above(s, rows.threshold, region.view(rows_here, ld)[:, :width],
-                                region)
-        keys = make_keys(self.buf.take(flat).float(), flat >> sh.ld_bits,
-                         sh.k_order[c0:c1][flat & (ld - 1)], sh.kb)
+            rows.threshold = _kth_largest(s[:, : sh.m_row], sh.r_row, 1, self.sample_buf
+                                          )[:, None]
+        flat = self.row_mask.hits(s, rows.threshold, ld)
+        keys = make_keys(gather(self.buf, flat).float(), flat >> sh.ld_bits,
+                         gather(sh.k_order[c0:c1], flat & (ld - 1)), sh.kb)
         # Row-major hits: each sort group of rows is one slice.
         for i, part in enumerate(torch.tensor_split(
                 keys, torch.searchsorted(flat, rows.cuts).tolist())):
@@ -404,7 +407,7 @@ class _BlockWorker:
         sh = self.sh
         c0, c1 = sh.tiles[c]
         if first_block:
-            estimate = _kth_largest(s[: sh.m_col], sh.r_col, dim=0)
+            estimate = _kth_largest(s[: sh.m_col], sh.r_col, 0, self.sample_buf)
             self.col_threshold[c0:c1] = estimate
             self.col_estimate[c0:c1] = estimate
         for j, (a, z) in enumerate(sh.col_slices[c]):
@@ -417,16 +420,11 @@ class _BlockWorker:
         ``threshold`` (a view of the worker's column thresholds) in place."""
         sh, opt = self.sh, self.sh.options
         cs = opt.col_slice
-        rows_here = s.shape[0]
-        flat_region = self.col_mask[: rows_here * cs]
-        region = flat_region.view(rows_here, cs)
-        if z - a < cs:
-            region[:, z - a:].zero_()  # padding must read as "no hit"
-        flat = hits_at_or_above(s[:, a:z], threshold, region[:, : z - a], flat_region)
+        flat = self.col_mask.hits(s[:, a:z], threshold, cs)
         row = flat >> opt.col_slice_bits
         col = flat & (cs - 1)
-        store.add(make_keys(self.buf.take((row << sh.ld_bits) + (col + a)).float(),
-                            col, q_ids[row], sh.qb))
+        store.add(make_keys(gather(self.buf, (row << sh.ld_bits) + (col + a)).float(),
+                            col, gather(q_ids, row), sh.qb))
         self.counters["col_candidates"] += flat.numel()
         if store.size > max(opt.column_cap_min, (1.0 + opt.column_slack) * (z - a) * sh.k_col):
             _compact(store, threshold, sh.k_col, sh.qb)
@@ -490,8 +488,9 @@ def _merge_columns(shared: _Shared, workers: list[_BlockWorker]) -> list[torch.T
             for part in w.col_stores[c][j].parts:
                 store.add(part)
             w.col_stores[c][j] = _ColumnStore(sh.k_order.device)  # free as we go
-        v, i, ok = first_k(store.sorted_keys(), g1 - g0, sh.k_col, sh.qb, want_values=True)
-        ok &= v[:, -1] >= estimate[g0:g1]
+        keys = store.sorted_keys()
+        v, i, ok = first_k(keys, g1 - g0, sh.k_col, sh.qb, want_values=sh.want_values)
+        ok &= kth_score(keys, g1 - g0, sh.k_col, sh.qb) >= estimate[g0:g1]
         ids = sh.k_order[g0:g1]
         _store(sh.col_v, sh.col_i, v if sh.want_values else None, i, ids, g0,
                sh.keys_permuted)
@@ -506,12 +505,12 @@ def _store(out_v: torch.Tensor | None, out_i: torch.Tensor, v: torch.Tensor | No
            i: torch.Tensor, ids: torch.Tensor, start: int, permuted: bool) -> None:
     """Write result rows (G, k) for original ids ``ids`` (G,) (a plain slice from
     ``start`` when not permuted)."""
-    i = i.to("cpu", out_i.dtype)
+    i = i.cpu()  # the writes cast to the output's dtype
     if permuted:
         dest = ids.cpu()
-        out_i.index_copy_(0, dest, i)  # ~3x faster than out_i[dest] = ...
+        put_rows(out_i, dest, i)
         if out_v is not None:
-            out_v.index_copy_(0, dest, v.cpu())
+            put_rows(out_v, dest, v.cpu())
     else:
         out_i[start:start + i.shape[0]] = i
         if out_v is not None:

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["bits_for", "first_k", "make_keys", "rank_bits", "value_of"]
+from aoq.search.kernels import gather
+
+__all__ = ["bits_for", "first_k", "kth_score", "make_keys", "rank_bits", "value_of"]
 
 
 def bits_for(n: int) -> int:
@@ -73,14 +75,33 @@ def first_k(sorted_keys: torch.Tensor, n_groups: int, k: int, index_bits: int, *
         return (values, torch.zeros(n_groups, k, dtype=torch.int64, device=dev),
                 torch.zeros(n_groups, dtype=torch.bool, device=dev) if k else
                 torch.ones(n_groups, dtype=torch.bool, device=dev))
-    group = sorted_keys >> (32 + index_bits)
-    if group_offset:
-        group -= group_offset
-    counts = torch.bincount(group, minlength=n_groups)
-    ok = counts >= k
-    starts = torch.cumsum(counts, 0) - counts
+    starts, counts = _group_runs(sorted_keys, n_groups, index_bits, group_offset)
     take = (starts[:, None] + torch.arange(k, device=dev)).clamp_(max=sorted_keys.numel() - 1)
-    chosen = sorted_keys[take]
+    chosen = gather(sorted_keys, take.view(-1)).view(n_groups, k)
     indices = chosen & ((1 << index_bits) - 1)
     values = value_of((chosen >> index_bits) & 0xFFFFFFFF) if want_values else None
-    return values, indices, ok
+    return values, indices, counts >= k
+
+
+def kth_score(sorted_keys: torch.Tensor, n_groups: int, k: int, index_bits: int
+              ) -> torch.Tensor:
+    """(G,) float32: the score of each group's k-th key, as :func:`first_k` would return
+    in its last column (garbage for groups with fewer than k keys), without decoding
+    the other k - 1."""
+    if sorted_keys.numel() == 0:
+        return torch.zeros(n_groups, dtype=torch.float32, device=sorted_keys.device)
+    starts, _ = _group_runs(sorted_keys, n_groups, index_bits, 0)
+    kth = gather(sorted_keys, (starts + (k - 1)).clamp_(max=sorted_keys.numel() - 1))
+    return value_of((kth >> index_bits) & 0xFFFFFFFF)
+
+
+def _group_runs(sorted_keys: torch.Tensor, n_groups: int, index_bits: int,
+                group_offset: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(starts, counts), each (G,) int64: where each group's run of keys begins in
+    ``sorted_keys`` and how long it is."""
+    # Group g's keys are one run, starting at the first key >= g's smallest possible
+    # key: G + 1 binary searches instead of a pass over every key.
+    firsts = (torch.arange(n_groups + 1, device=sorted_keys.device) + group_offset
+              ) << (32 + index_bits)
+    bounds = torch.searchsorted(sorted_keys, firsts)
+    return bounds[:-1], bounds[1:] - bounds[:-1]
