@@ -250,10 +250,13 @@ class _Shared:
         self.r_row = _sample_rank(k_row, self.m_row, n_k, options.z) if k_row else 0
         self.m_col = min(br, options.col_sample)
         self.r_col = _sample_rank(k_col, self.m_col, n_q, options.z) if k_col else 0
-        self.row_v = torch.empty(n_q, k_row, dtype=torch.float32) if want_values else None
-        self.row_i = torch.empty(n_q, k_row, dtype=torch.int64)
-        self.col_v = torch.empty(n_k, k_col, dtype=torch.float32) if want_values else None
-        self.col_i = torch.empty(n_k, k_col, dtype=col_dtype)
+        # Zeroed, not empty: the workers write whole rows in random order, and first
+        # touches in that order cost 1.5 us a page against 0.7 us for torch's parallel
+        # sequential fill (160 MB: 69 ms against 29 ms, measured on the 2-core VM).
+        self.row_v = torch.zeros(n_q, k_row, dtype=torch.float32) if want_values else None
+        self.row_i = torch.zeros(n_q, k_row, dtype=torch.int64)
+        self.col_v = torch.zeros(n_k, k_col, dtype=torch.float32) if want_values else None
+        self.col_i = torch.zeros(n_k, k_col, dtype=col_dtype)
 
     def _visit(self, q: torch.Tensor, kk: torch.Tensor, score_dtype: torch.dtype) -> None:
         """Visiting order and the inputs permuted to it, in ``score_dtype``.
