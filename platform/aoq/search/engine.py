@@ -6,7 +6,7 @@ Products are computed tile by tile: ``block_rows`` queries x ``tile_cols`` keys
 (1024 x ~4k fp32 = 16 MiB, a size at which MKL sgemm runs at full speed). A tile is never
 sorted or topk'd. Every row (and, when column top-k is asked for, every column) has a
 *threshold*; one ``>=`` pass and one ``nonzero`` over the tile keep the entries at or
-above it as candidates (~1.7 ns per score on one core). A threshold estimates the row's
+above it as candidates (about 1 ns per score on one core; :mod:`aoq.search.kernels`). A threshold estimates the row's
 k-th largest score from a uniform sample of the row: keys and queries are visited in a
 fixed pseudo-random order, so the first ``row_sample`` (2048) columns of a row block's
 first tile sample every row of the block, and the first ``col_sample`` (512) rows of a
@@ -43,11 +43,8 @@ all workers, at most ``(1 + column_slack) * n_keys * k_col`` int64 plus a tile's
 per worker. Nothing is ever n_queries x n_keys. On 10k x 50k (k_row = 2000,
 k_col = 400, defaults, 2 threads) the peak was 0.8 GB above inputs and outputs (measured).
 
-Measured (``benchmarks/mining.py``, output in ``docs/bench_mining_output.txt``: 10k
-queries x 50k keys x 1024-d, k = 2000 / 400, 2 threads, best of 3 rounds on the quiet
-2-core box): bare tile products 5.5 s, faiss IndexFlatIP rows 8.2 s, naive products +
-topk 8.9 s; rows alone 7.1 s (1.29x the products, 1.15x faster than faiss), columns
-alone 7.3 s, both directions in one pass 8.9 s; a per-row numpy argsort loop ~830 s.
+Measured against faiss and against the bare products of the same tiles, with the
+commands and the machine: ``docs/benchmarks.md``, section 1.
 """
 
 from __future__ import annotations
