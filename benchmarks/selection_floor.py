@@ -6,8 +6,9 @@ tile, the scores at or above a row's and a column's threshold, and (3) hand back
 row's and each column's K best in rank order. This script times (1) as the engine runs
 it (its tiles, whole row blocks per worker thread: (a') of benchmarks/mining.py, on the
 same inputs), and the cheapest form of (2) and (3) with the fastest CPU primitives
-(``aoq.search.kernels`` lists them): one ``scores >= threshold`` mask and one
-``flatnonzero`` per tile and direction, given the *final* thresholds for free (a real
+(``aoq.search.kernels`` lists them): one ``scores >= threshold`` mask and one scan of
+it for its hits (``HitMask``, the engine's own) per tile and direction, given the
+*final* thresholds for free (a real
 pass must first estimate them), and one ``argsort`` of the finished (rows, K) and
 (columns, K) tables. No bookkeeping, no merging across tiles. The sum is a floor,
 not an implementation: what it says is whether a selection built from these
@@ -33,6 +34,7 @@ import torch
 
 from aoq.search import SearchOptions
 from aoq.search.engine import block_rows_for, tile_plan
+from aoq.search.kernels import HitMask
 from mining import add_problem_arguments, bare_products_workers, make_inputs
 
 
@@ -94,10 +96,11 @@ def main(argv: list[str] | None = None) -> dict:
         total = 0.0
         for (r0, c0), s in tile_scores.items():
             th = row_th[r0:r0 + s.shape[0]] if rows else col_th[:, c0:c0 + s.shape[1]]
-            mask = np.empty(s.shape, dtype=bool)
-            total += best_of(lambda: np.flatnonzero(np.greater_equal(s, th, out=mask)),
-                             args.repeats)
-            hits["rows" if rows else "columns"] += int(mask.sum())
+            scores, threshold = torch.from_numpy(s), torch.from_numpy(th)
+            mask = HitMask(s.shape[0], s.shape[1], scores.device)
+            total += best_of(lambda: mask.hits(scores, threshold, s.shape[1]), args.repeats)
+            hits["rows" if rows else "columns"] += int(mask.hits(scores, threshold,
+                                                                 s.shape[1]).numel())
         return total / len(tile_scores) * len(tiles)
 
     t_products = best_of(products, args.repeats)  # (a') of the mining benchmark
