@@ -150,6 +150,25 @@ def test_without_scores_and_with_int32_columns() -> None:
     np.testing.assert_array_equal(ci, cols)
 
 
+def test_blocks_are_even_over_the_workers_and_tiles_keep_their_stride() -> None:
+    from aoq.search.engine import block_rows_for, tile_plan
+
+    options = SearchOptions()
+    for n_q, n_k, workers in ((10_000, 50_000, 2), (113_287, 566_435, 2), (5_000, 25_000, 4),
+                              (2_049, 10_245, 2), (300, 1_500, 2), (7, 35, 2)):
+        rows = block_rows_for(n_q, workers, None, options)
+        n_blocks = -(-n_q // rows)
+        # Every worker gets as many blocks, and no block is much shorter than the rest.
+        assert n_blocks % workers == 0 or n_blocks == 1, (n_q, workers, rows)
+        assert rows % 8 == 0 and rows <= options.default_block_rows
+        assert n_q - (n_blocks - 1) * rows > rows - 8 * n_blocks, (n_q, workers, rows)
+        block, width = tile_plan(n_q, n_k, True, rows, None, options)
+        if 2 * block > options.default_block_rows:
+            assert width <= options.default_tile_cols, (n_q, workers, width)
+    assert block_rows_for(10_000, 2, None, options) == 1_000
+    assert block_rows_for(10_000, 2, 512, options) == 512  # the caller's choice stands
+
+
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
