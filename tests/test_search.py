@@ -19,6 +19,7 @@ import torch
 
 import aoq.search
 from aoq.search import SearchOptions, Shard, exact_topk, plan_shards, topk_rows_and_columns
+from aoq.search.engine import block_rows_for, tile_plan
 
 
 def integer_matrices(n_q: int, n_k: int, d: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -151,8 +152,6 @@ def test_without_scores_and_with_int32_columns() -> None:
 
 
 def test_blocks_are_even_over_the_workers_and_tiles_keep_their_stride() -> None:
-    from aoq.search.engine import block_rows_for, tile_plan
-
     options = SearchOptions()
     for n_q, n_k, workers in ((10_000, 50_000, 2), (113_287, 566_435, 2), (5_000, 25_000, 4),
                               (2_049, 10_245, 2), (300, 1_500, 2), (7, 35, 2)):
