@@ -11,6 +11,12 @@ Only API both versions have is used: the epoch sampler, the pair dataset (the
 deduplicated layout where the version has it, as its training uses it) and
 ``batch_scores``.
 
+Each version also counts the floating-point operations of its steps (torch's
+``FlopCounterMode``: every matrix product, forward and backward) and times a 1024^3
+fp32 matrix product on one thread, this machine's ceiling for them. A step's FLOPs
+over its time says how close it runs to that ceiling, and triplet's FLOPs over aoq's
+is the pairs-per-second ratio the two would have at equal efficiency.
+
     git archive <before> | tar -x -C /tmp/before
     python benchmarks/step_versions.py --checkpoint CKPT --tree before=/tmp/before \\
         --tree after=. --out /tmp/aoq-step-versions
@@ -21,13 +27,40 @@ from __future__ import annotations
 import argparse
 import inspect
 import json
+import math
 import os
 import platform
 import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+
+
+def step_flops(step: Callable[[], object]) -> int:
+    """Floating-point operations of one call of ``step`` (matrix products, forward and
+    backward; elementwise work is not counted, as torch's counter does not)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        step()
+    return int(counter.get_total_flops())
+
+
+def gemm_ceiling_gflops(size: int = 1024, repeats: int = 10) -> float:
+    """GFLOP/s of a (size x size) @ (size x size) fp32 product on the current threads,
+    best of ``repeats``: what the step's matrix products can run at, at most."""
+    import torch
+
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    a @ b  # the first call sets up the kernel's buffers
+    best = math.inf
+    for _ in range(repeats):
+        start = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - start)
+    return 2 * size ** 3 / best / 1e9
 
 
 def child(checkpoint: str, steps: int, overrides: list[str]) -> dict:
@@ -65,19 +98,44 @@ def child(checkpoint: str, steps: int, overrides: list[str]) -> dict:
         dataset = PairDataset(train, sampling_range=cfg.negatives.sampling_range,
                               tables=tables, **options)
         loss_fn = AOQLoss(variant, margin_online=cfg.loss.margin_online)
-        walls, cpus = [], []
-        for i, request in enumerate(requests[:steps + 2]):
-            wall, cpu = time.perf_counter(), time.process_time()
+
+        def step(request: list[int]) -> None:
             loss = loss_fn(*batch_scores(model, dataset.__getitems__(request)))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
+
+        walls, cpus = [], []
+        for i, request in enumerate(requests[:steps + 2]):
+            wall, cpu = time.perf_counter(), time.process_time()
+            step(request)
             if i >= 2:  # the first steps pay one-off costs
                 walls.append(time.perf_counter() - wall)
                 cpus.append(time.process_time() - cpu)
+        # Counted on the timed steps' batches again, outside the timing: the counter's
+        # own bookkeeping would slow the steps it counts.
+        flops = [step_flops(lambda r=r: step(r)) for r in requests[2:min(steps, 5) + 2]]
         result[variant] = {"wall_ms": 1000 * statistics.median(walls),
-                           "cpu_ms": 1000 * statistics.median(cpus)}
+                           "cpu_ms": 1000 * statistics.median(cpus),
+                           "gflop": statistics.mean(flops) / 1e9}
+    result["gemm_ceiling_gflops"] = gemm_ceiling_gflops()
     return result
+
+
+def flop_summary(rows: list[dict]) -> dict[str, float]:
+    """FLOPs per step, the rate each variant's steps reach (on the CPU clock), and the
+    pairs-per-second ratio that equal rates would give (the same pairs per step)."""
+    ceiling = statistics.median(r["gemm_ceiling_gflops"] for r in rows)
+    out: dict[str, float] = {"gemm_ceiling_gflops": ceiling}
+    for variant in ("triplet", "aoq"):
+        gflop = statistics.median(r[variant]["gflop"] for r in rows)
+        rate = gflop / (statistics.median(r[variant]["cpu_ms"] for r in rows) / 1000)
+        out[f"{variant}_gflop_per_step"] = gflop
+        out[f"{variant}_gflops"] = rate
+        out[f"{variant}_share_of_ceiling"] = rate / ceiling
+    out["aoq_vs_triplet_at_equal_flop_rates"] = (
+        out["triplet_gflop_per_step"] / out["aoq_gflop_per_step"])
+    return out
 
 
 def main() -> None:
@@ -119,6 +177,7 @@ def main() -> None:
         for clock in ("cpu_ms", "wall_ms"):
             summary[f"aoq_vs_triplet_pairs_per_s_{clock[:-3]}"] = (
                 summary[f"triplet_{clock}"] / summary[f"aoq_{clock}"])
+        summary.update(flop_summary(rows))
         result["versions"][name] = summary
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "step_versions_results.json").write_text(json.dumps(result, indent=2))

@@ -1,6 +1,7 @@
 """The measuring tools in benchmarks/, run tiny on CPU: the mining benchmark (every
 precision, and the before/after helper process), the default-job process-tree sampler,
-and the GPU script's fail-fast check and report merge. They produce the figures in
+the step benchmark's FLOP accounting, and the GPU script's fail-fast check and report
+merge. They produce the figures in
 docs/benchmarks.md; what they measure is never asserted here, only that they measure
 the right processes and tables."""
 
@@ -27,7 +28,8 @@ def bench():
     sys.path.insert(0, str(ROOT / "benchmarks"))
     try:
         yield {name: importlib.import_module(name)
-               for name in ("mining", "default_job", "gpu_report", "selection_floor")}
+               for name in ("mining", "default_job", "gpu_report", "selection_floor",
+                            "step_versions")}
     finally:
         sys.path.remove(str(ROOT / "benchmarks"))
 
@@ -153,6 +155,31 @@ def test_default_job_variants_are_checked(bench, tmp_path: Path) -> None:
     with pytest.raises(SystemExit):
         bench["default_job"].main(["--out", str(tmp_path / "b"), "--variant", f"x={ROOT}",
                                    "--variant-env", "y:A=1"])
+
+
+# ------------------------------------------------------------------ step benchmark
+
+
+def test_step_flops_count_the_backward_products(bench) -> None:
+    step_versions = bench["step_versions"]
+    layer = torch.nn.Linear(16, 8)
+    x = torch.randn(32, 16)
+    forward = 2 * 32 * 16 * 8
+    # The weight's gradient is one more product of the forward's size; the input's
+    # gradient, when the input needs one, a third.
+    assert step_versions.step_flops(lambda: layer(x).sum().backward()) == 2 * forward
+    x.requires_grad_(True)
+    assert step_versions.step_flops(lambda: layer(x).sum().backward()) == 3 * forward
+    assert 0 < step_versions.gemm_ceiling_gflops(size=64, repeats=2) < 1e6
+
+    rows = [{"gemm_ceiling_gflops": c, "triplet": {"gflop": 6.0, "cpu_ms": t},
+             "aoq": {"gflop": 18.0, "cpu_ms": a}}
+            for c, t, a in ((100.0, 100.0, 300.0), (80.0, 120.0, 400.0), (90.0, 90.0, 350.0))]
+    summary = step_versions.flop_summary(rows)
+    assert summary["gemm_ceiling_gflops"] == 90.0
+    assert summary["triplet_gflops"] == pytest.approx(60.0)  # 6 GFLOP in the median 100 ms
+    assert summary["aoq_share_of_ceiling"] == pytest.approx(18.0 / 0.35 / 90.0)
+    assert summary["aoq_vs_triplet_at_equal_flop_rates"] == pytest.approx(1 / 3)
 
 
 # ------------------------------------------------------------------------- gpu.sh

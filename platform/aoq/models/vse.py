@@ -17,6 +17,7 @@ from torch.nn.utils.rnn import pack_padded_sequence
 
 from aoq.config import ModelConfig
 from aoq.models.base import RetrievalModel
+from aoq.models.gru import gru_last_states
 from aoq.models.registry import register_model
 
 
@@ -71,11 +72,10 @@ class GRUTextEncoder(nn.Module):
 
     def forward(self, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         if not self.bidirectional and tokens.device.type == "cpu":
-            # cuDNN runs packed sequences natively; the CPU kernels do not (see below).
-            lengths = lengths.to(tokens.device).clamp_min(1)
-            order = torch.argsort(lengths, stable=True)
-            states = last_states(self.rnn, self.embed(tokens[order]), lengths[order])
-            return l2_normalize(states[torch.argsort(order)])
+            # cuDNN runs packed sequences natively; the CPU kernels do not
+            # (aoq.models.gru says how they fall short).
+            return l2_normalize(gru_last_states(self.rnn, self.embed, tokens,
+                                                lengths.to(tokens.device).clamp_min(1)))
         # The backward direction must start at each caption's own end: packed.
         packed = pack_padded_sequence(
             self.embed(tokens), lengths.detach().cpu().clamp_min(1), batch_first=True,
@@ -83,29 +83,6 @@ class GRUTextEncoder(nn.Module):
         )
         _, hidden = self.rnn(packed)  # (layers * dirs, B, E), already at each true length
         return l2_normalize((hidden[-2] + hidden[-1]) / 2)
-
-
-#: Captions per GRU call in :func:`last_states`: enough for efficient matrix products,
-#: few enough that the lengths inside one call stay close (48-128 measured within 10%).
-BUCKET_ROWS = 64
-
-
-def last_states(rnn: nn.GRU, x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-    """A unidirectional batch-first GRU's last-layer state at each row's last real step.
-
-    (B, L, W) inputs, sorted by their (B,) lengths (ascending) -> (B, H). The rows run
-    in buckets of :data:`BUCKET_ROWS`, each cut to its own longest: a row's state at its
-    last real step has read nothing past it, so it is the state a packed sequence gives.
-    Packing is what this avoids: on CPU, torch's packed GRU slices the precomputed input
-    projections step by step, and the backward of each slice writes into a zero-filled
-    copy of the whole (tokens, 3H) tensor: T full-size fills and adds per batch of
-    captions, the largest item (``aten::fill_``) of a training step's profile.
-    """
-    states = []
-    for part, steps in zip(x.split(BUCKET_ROWS), lengths.split(BUCKET_ROWS)):
-        out, _ = rnn(part[:, :int(steps.max())])
-        states.append(out[torch.arange(len(steps), device=x.device), steps - 1])
-    return torch.cat(states)
 
 
 @register_model("vse")
@@ -130,4 +107,4 @@ class VSE(RetrievalModel):
         return self.text_encoder(tokens, lengths)
 
 
-__all__ = ["VSE", "l2_normalize", "last_states"]
+__all__ = ["VSE", "l2_normalize"]
