@@ -92,12 +92,20 @@ def child(checkpoint: str, steps: int, overrides: list[str]) -> dict:
         options["deduplicate"] = bool(getattr(model, "encodes_items_independently", False))
     requests = list(EpochBatchSampler(train.n_captions, cfg.optim.batch_size, seed=1))
     result = {"deduplicate": options.get("deduplicate", False)}
+    setups = {}
     for variant in ("triplet", "aoq"):
         tables = (CandidateTables(i2t=i2t, t2i=t2i, meta={"version": 1})
                   if variant == "aoq" else None)
         dataset = PairDataset(train, sampling_range=cfg.negatives.sampling_range,
                               tables=tables, **options)
         loss_fn = AOQLoss(variant, margin_online=cfg.loss.margin_online)
+        # The loss of the first batch on the initial weights (torch.manual_seed(0)),
+        # before any step: the same for every version whose encoders compute the same
+        # numbers.
+        with torch.no_grad():
+            initial = float(loss_fn(*batch_scores(model, dataset.__getitems__(requests[0]))))
+        setups[variant] = dataset, loss_fn, initial
+    for variant, (dataset, loss_fn, initial) in setups.items():
 
         def step(request: list[int]) -> None:
             loss = loss_fn(*batch_scores(model, dataset.__getitems__(request)))
@@ -117,7 +125,8 @@ def child(checkpoint: str, steps: int, overrides: list[str]) -> dict:
         flops = [step_flops(lambda r=r: step(r)) for r in requests[2:min(steps, 5) + 2]]
         result[variant] = {"wall_ms": 1000 * statistics.median(walls),
                            "cpu_ms": 1000 * statistics.median(cpus),
-                           "gflop": statistics.mean(flops) / 1e9}
+                           "gflop": statistics.mean(flops) / 1e9,
+                           "initial_loss": initial}
     result["gemm_ceiling_gflops"] = gemm_ceiling_gflops()
     return result
 
@@ -174,6 +183,7 @@ def main() -> None:
             for clock in ("cpu_ms", "wall_ms"):
                 summary[f"{variant}_{clock}"] = statistics.median(r[variant][clock]
                                                                   for r in rows)
+            summary[f"{variant}_initial_loss"] = rows[0][variant].get("initial_loss")
         for clock in ("cpu_ms", "wall_ms"):
             summary[f"aoq_vs_triplet_pairs_per_s_{clock[:-3]}"] = (
                 summary[f"triplet_{clock}"] / summary[f"aoq_{clock}"])
