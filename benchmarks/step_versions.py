@@ -183,7 +183,7 @@ def main() -> None:
             for clock in ("cpu_ms", "wall_ms"):
                 summary[f"{variant}_{clock}"] = statistics.median(r[variant][clock]
                                                                   for r in rows)
-            summary[f"{variant}_initial_loss"] = rows[0][variant].get("initial_loss")
+            summary[f"{variant}_initial_loss"] = rows[0][variant]["initial_loss"]
         for clock in ("cpu_ms", "wall_ms"):
             summary[f"aoq_vs_triplet_pairs_per_s_{clock[:-3]}"] = (
                 summary[f"triplet_{clock}"] / summary[f"aoq_{clock}"])
