@@ -31,10 +31,10 @@ def torch_reference(rnn: nn.GRU, embed: nn.Embedding, tokens: torch.Tensor,
     return rnn(packed)[1][-1]
 
 
-@pytest.mark.parametrize("layers", [1, 2])
-def test_states_and_gradients_match_torch_gru(layers: int) -> None:
+@pytest.mark.parametrize(("layers", "bias"), [(1, True), (2, True), (1, False)])
+def test_states_and_gradients_match_torch_gru(layers: int, bias: bool) -> None:
     torch.manual_seed(0)
-    rnn = nn.GRU(6, 5, num_layers=layers, batch_first=True).double()
+    rnn = nn.GRU(6, 5, num_layers=layers, bias=bias, batch_first=True).double()
     embed = nn.Embedding(30, 6, padding_idx=0).double()
     # Unsorted, with ties, with one-token captions, the longest not first.
     tokens, lengths = padded_tokens([3, 1, 7, 7, 2, 5, 1, 4, 6], vocab=30)
