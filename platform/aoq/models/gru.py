@@ -166,15 +166,14 @@ def gru_last_states(rnn: nn.GRU, embed: nn.Embedding, tokens: torch.Tensor,
         (B, H) states, in the captions' order.
     """
     order = torch.argsort(lengths, descending=True, stable=True)
-    sorted_lengths = lengths[order]
+    sorted_lengths = lengths[order].cpu()  # packing wants them on the CPU
     # Pack the ids, not the embeddings: the embedding then reads exactly the real tokens
     # and its backward has nothing to unpack.
-    packed = pack_padded_sequence(tokens[order], sorted_lengths.cpu(), batch_first=True)
-    batch_sizes = packed.batch_sizes.tolist()
-    states = packed_gru(rnn, embed(packed.data), batch_sizes)
+    packed = pack_padded_sequence(tokens[order], sorted_lengths, batch_first=True)
+    states = packed_gru(rnn, embed(packed.data), packed.batch_sizes.tolist())
     starts = torch.cumsum(packed.batch_sizes, 0) - packed.batch_sizes
     # The sorted caption i's last step is t = length - 1, at row starts[t] + i.
-    last = starts[sorted_lengths.cpu() - 1].to(tokens.device) + torch.arange(
+    last = starts[sorted_lengths - 1].to(tokens.device) + torch.arange(
         len(order), device=tokens.device)
     return states[last][torch.argsort(order)]
 
